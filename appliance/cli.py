@@ -1,0 +1,138 @@
+"""Command line: argument parsing only; the work is done by the modules it calls.
+
+`appliance serve PROJECT_DIR` and PEKAT's own spelling (`-data DIR -port P -host H -stop_key K
+[-disable_code [v]]`, as the pekat-vision-sdk launches a server, PROTOCOL.md 6) both work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from appliance import __version__
+from appliance.errors import ConfigError
+
+_PEKAT_VALUE_FLAGS = {"-data": "project_dir", "-port": "--port", "-host": "--host", "-stop_key": "--stop-key",
+                      "-gpu": "--gpu", "-api_key": None, "-password": None}
+_PEKAT_BOOL_FLAGS = {"-disable_code": "--disable-code", "-tutorial_only": None}
+_FALSE_WORDS = {"0", "false", "no", "off"}
+
+
+def translate_pekat_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """PEKAT's single-dash flags -> ours; returns (argv, warnings). Bool flags may carry a value (or none)."""
+    out: list[str] = []
+    warnings: list[str] = []
+    project: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _PEKAT_VALUE_FLAGS and i + 1 < len(argv):
+            target, value = _PEKAT_VALUE_FLAGS[arg], argv[i + 1]
+            if target == "project_dir":
+                project = [value]
+            elif target is None:
+                warnings.append(f"{arg} is ignored: the key comes from project.yaml")
+            else:
+                out += [target, value]
+            i += 2
+            continue
+        if arg in _PEKAT_BOOL_FLAGS:
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else None
+            i += 2 if value is not None else 1
+            enabled = value is None or value.strip().lower() not in _FALSE_WORDS
+            target = _PEKAT_BOOL_FLAGS[arg]
+            if target is None:
+                warnings.append(f"{arg} is ignored")
+            elif enabled:
+                out.append(target)
+            continue
+        out.append(arg)
+        i += 1
+    return project + out, warnings
+
+
+def _serve(args: argparse.Namespace, warnings: list[str]) -> int:
+    from appliance.project import Project
+    from appliance.server.serve import EXIT_CONFIG, serve_project
+    from appliance.telemetry.logs import configure_logging
+
+    project_dir = Path(args.project_dir)
+    log_file = Path(args.log_file) if args.log_file else None
+    configure_logging(args.log_level, log_file)
+    log = logging.getLogger("appliance.cli")
+    for warning in warnings:
+        log.warning(warning)
+    try:
+        project = Project.load(project_dir, code_allowed=not args.disable_code)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(error.problems)} problem(s); not serving", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    host = args.host or project.config.host
+    port = args.port or project.config.port
+    code = asyncio.run(serve_project(project, host, port, args.stop_key))
+    if project.stuck_hooks:
+        # A stuck hook thread can never be joined, and interpreter exit would wait for it forever.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
+    return code
+
+
+def _check(args: argparse.Namespace) -> int:
+    from appliance.project import Project
+
+    try:
+        project = Project.load(Path(args.project_dir), code_allowed=not args.disable_code)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(problem)
+        print(f"{len(error.problems)} problem(s)")
+        return 1
+    print(f"{project.name}: OK ({project.node_count} nodes, flow {project.files.flow_path.name})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="appliance", description="Visual inspection appliance (PEKAT-compatible)")
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve one project on its port")
+    serve.add_argument("project_dir", help="the project folder (with project.yaml)")
+    serve.add_argument("--host", help="address to bind (default: project.yaml host)")
+    serve.add_argument("--port", type=int, help="port to bind (default: project.yaml port)")
+    serve.add_argument("--stop-key", help="enables GET /stop?key=... with this key")
+    serve.add_argument("--disable-code", action="store_true", help="refuse flows with Code hooks")
+    serve.add_argument("--gpu", type=int, default=0, help=argparse.SUPPRESS)
+    serve.add_argument("--log-file", help="write logs here instead of stderr")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    check = commands.add_parser("check", help="validate a project and its flow without serving")
+    check.add_argument("project_dir")
+    check.add_argument("--disable-code", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pekat_style = any(arg in _PEKAT_VALUE_FLAGS or arg in _PEKAT_BOOL_FLAGS for arg in argv)
+    warnings: list[str] = []
+    if pekat_style:
+        if argv and argv[0] == "serve":
+            argv = argv[1:]
+        argv, warnings = translate_pekat_args(argv)
+        argv = ["serve", *argv]
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        if pekat_style and not args.log_file:
+            # Launched by the PEKAT client: it stops reading our stdout+stderr pipe after the start
+            # markers, and a full pipe would block the server, so logs go to a file.
+            args.log_file = str(Path(args.project_dir) / "logs" / "appliance.log")
+        return _serve(args, warnings)
+    return _check(args)

@@ -1,0 +1,107 @@
+"""project.yaml: one project = one process on one port, with its flow, key, limits and Code settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+
+
+class StrictModel(BaseModel):
+    """Every configuration model forbids unknown keys: a typo is an error with its place, never ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KeyFromEnv(StrictModel):
+    env: str = Field(min_length=1)
+
+
+class KeyFromFile(StrictModel):
+    file: str = Field(min_length=1)
+
+
+class Limits(StrictModel):
+    """Request limits (RELIABILITY.md, rules that apply everywhere)."""
+
+    max_frame_pixels: PositiveInt = 33_554_432
+    # None means 3 x max_frame_pixels + 1 MiB: a full BGR frame at the pixel limit plus headers of any image format.
+    max_body_bytes: PositiveInt | None = None
+    max_data_bytes: PositiveInt = 16_384
+    body_read_timeout_s: PositiveFloat = 10.0
+    # None means 2 x the inference slots of the flow's models (2 x the worker threads without models).
+    queue_depth: PositiveInt | None = None
+    queue_timeout_s: PositiveFloat = 5.0
+    hook_timeout_s: PositiveFloat = 2.0
+    max_stuck_hooks: PositiveInt = 2
+    drain_timeout_s: PositiveFloat = 20.0
+
+    @property
+    def body_bytes(self) -> int:
+        return self.max_body_bytes or 3 * self.max_frame_pixels + (1 << 20)
+
+
+class CodeSettings(StrictModel):
+    folder: str = "code"
+    enabled: bool = True
+
+
+class ImageResponse(StrictModel):
+    """How `image`, `annotated_image` and `heatmap` answers are encoded when the client does not say."""
+
+    format: Literal["png", "jpeg"] = "png"
+    jpeg_quality: int = Field(90, ge=1, le=100)
+
+
+class ProjectConfig(StrictModel):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    flow: str = Field(min_length=1, description="path of the flow file, relative to the project folder")
+    api_key: str | KeyFromEnv | KeyFromFile | None = None
+    firmware_profile: str = "cpu"
+    color: Literal["bgr", "gray"] = "bgr"
+    limits: Limits = Limits()
+    code: CodeSettings = CodeSettings()
+    image_response: ImageResponse = ImageResponse()
+    # PEKAT clients use shared memory only when /version >= 3.18.0 (PROTOCOL.md 6); containers without
+    # --ipc=host must answer lower so the client falls back to raw bodies.
+    version_reply: str = "3.18.0"
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, value: object) -> object:
+        if isinstance(value, str) and not value:
+            raise ValueError("api_key is empty; remove the key to serve without one, or set a real key")
+        return value
+
+    @model_validator(mode="after")
+    def _body_fits_a_frame(self) -> ProjectConfig:
+        if self.limits.max_body_bytes is not None and self.limits.max_body_bytes < 1024:
+            raise ValueError("limits.max_body_bytes must be at least 1024")
+        return self
+
+
+def resolve_api_key(config: ProjectConfig, project_dir: Path) -> bytes | None:
+    """The key as bytes (compared with hmac.compare_digest on bytes, RELIABILITY 5.4), or None for no key."""
+    source = config.api_key
+    if source is None:
+        return None
+    if isinstance(source, str):
+        value = source
+    elif isinstance(source, KeyFromEnv):
+        if source.env not in os.environ:
+            raise ValueError(f"api_key.env: environment variable {source.env} is not set")
+        value = os.environ[source.env]
+    else:
+        path = Path(source.file)
+        path = path if path.is_absolute() else project_dir / path
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise ValueError(f"api_key.file: cannot read {path}: {error.strerror}") from None
+    if not value:
+        raise ValueError("api_key resolves to an empty key")
+    return value.encode("utf-8")

@@ -1,0 +1,164 @@
+"""YAML loading that remembers where every key and value stood, so problems can say `file:line:col path: message`."""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+Path_ = tuple[str | int, ...]
+
+
+def format_path(path: Path_) -> str:
+    """`("nodes", "crop", "next", 1)` -> `nodes.crop.next[1]`."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+@dataclass
+class Problem:
+    file: str
+    line: int
+    column: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.column}" if self.line else self.file
+        return f"{where} {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+@dataclass
+class YamlDocument:
+    """The parsed data of one YAML file plus the positions of its keys and values."""
+
+    file: str
+    data: Any
+    key_marks: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+    value_marks: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    def problem(self, path: Path_, message: str, *, at_key: bool = False) -> Problem:
+        """A problem located at the key (for unknown keys) or at the value (everything else) of `path`."""
+        marks = self.key_marks if at_key else self.value_marks
+        probe = path
+        while probe not in marks and probe:
+            probe = probe[:-1]
+        line, column = marks.get(probe, (0, 0))
+        return Problem(self.file, line, column, format_path(path), message)
+
+
+def _walk(node: yaml.Node, path: Path_, doc: YamlDocument, loader: yaml.SafeLoader) -> Any:
+    doc.value_marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, yaml.MappingNode):
+        result: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            child = (*path, key)
+            if key in result:
+                doc.problems.append(
+                    Problem(doc.file, key_node.start_mark.line + 1, key_node.start_mark.column + 1,
+                            format_path(child), "duplicate key (YAML would silently keep only the last one)"))
+            doc.key_marks[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            result[key] = _walk(value_node, child, doc, loader)
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        return [_walk(item, (*path, index), doc, loader) for index, item in enumerate(node.value)]
+    return loader.construct_object(node, deep=True)
+
+
+def load_yaml(path: Path, display_name: str | None = None) -> YamlDocument:
+    """Parse one YAML file; a syntax error becomes a located problem instead of an exception."""
+    name = display_name or str(path)
+    doc = YamlDocument(file=name, data=None)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        doc.problems.append(Problem(name, 0, 0, "", f"cannot read file: {error.strerror}"))
+        return doc
+    return parse_yaml(text, name)
+
+
+def parse_yaml(text: str, name: str) -> YamlDocument:
+    doc = YamlDocument(file=name, data=None)
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        doc.data = {} if root is None else _walk(root, (), doc, loader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line, column = (mark.line + 1, mark.column + 1) if mark else (0, 0)
+        reason = getattr(error, "problem", None) or str(error)
+        doc.problems.append(Problem(name, line, column, "", f"invalid YAML: {reason}"))
+    finally:
+        loader.dispose()
+    return doc
+
+
+def _model_at(model: Any, loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `loc`, for 'did you mean' suggestions."""
+    current: Any = model
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            info = current.model_fields.get(part) if isinstance(part, str) else None
+            if info is None:
+                return None
+            current = info.annotation
+        elif typing.get_origin(current) in (list, tuple):
+            current = typing.get_args(current)[0]
+        elif typing.get_origin(current) is dict:
+            current = typing.get_args(current)[1]
+        else:
+            return None
+    current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Optional[X] / Annotated[X, ...] / X | str -> the first pydantic model or container inside."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            inner = _unwrap(arg)
+            if (isinstance(inner, type) and issubclass(inner, BaseModel)) or typing.get_origin(inner) in (list, dict):
+                return inner
+    return annotation
+
+
+def validation_problems(doc: YamlDocument, error: ValidationError, model: type[BaseModel],
+                        prefix: Path_ = ()) -> list[Problem]:
+    """Turn pydantic's errors into located problems, with 'did you mean' for misspelt keys."""
+    problems = []
+    for item in error.errors(include_url=False):
+        loc = tuple(item["loc"])
+        path = (*prefix, *loc)
+        if item["type"] == "extra_forbidden":
+            owner = _model_at(model, loc[:-1])
+            message = "unknown key"
+            if owner is not None:
+                close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields), n=1)
+                if close:
+                    message += f" (did you mean '{close[0]}'?)"
+            problems.append(doc.problem(path, message, at_key=True))
+        elif item["type"] == "missing":
+            problems.append(doc.problem(path, "required key is missing", at_key=True))
+        else:
+            message = item["msg"]
+            if message.startswith("Value error, "):
+                message = message[len("Value error, "):]
+            problems.append(doc.problem(path, message))
+    return problems

@@ -1,0 +1,149 @@
+"""The PEKAT context: the dict that travels through a flow, what hooks see, and how it becomes JSON.
+
+Keys follow PROTOCOL.md section 2. Rectangles in `detectedRectangles` are always in pixels of the input
+frame; `Context.to_frame` maps pixels of the current `image` (after crops, resizes, rotations) back to it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+# Keys that hold arrays or control flags and never go to the client (PROTOCOL.md 2).
+PRIVATE_KEYS = frozenset({"image", "heatmaps", "exit", "items"})
+
+
+class Context(dict):
+    """A plain dict for user code, plus the geometry that maps the current image back to the input frame."""
+
+    to_frame: np.ndarray
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.to_frame = np.eye(3)
+
+    @classmethod
+    def for_frame(cls, image: np.ndarray, data: str, warnings: list[str] | None = None) -> Context:
+        ctx = cls(
+            result=None, processing=True, error=False, errors=[],
+            imageShape={"height": int(image.shape[0]), "width": int(image.shape[1])},
+            processingTime=0.0, completeTime=0.0, save=False, data=data, production_mode=True,
+            operatorInput={}, globalData={}, stdout="", stderr="", surfaceClasses=[], angle=None, lines=[],
+            detectedRectangles=[], image=image, heatmaps=[],
+        )
+        if warnings:
+            ctx["warnings"] = list(warnings)
+        return ctx
+
+    def transform_image(self, image: np.ndarray, image_to_previous: np.ndarray) -> None:
+        """Replace the image with a geometric transform of it; `image_to_previous` maps new pixels to old ones."""
+        self["image"] = image
+        self.to_frame = self.to_frame @ image_to_previous
+
+    def frame_box(self, x: float, y: float, width: float, height: float) -> tuple[int, int, int, int]:
+        """A box in current-image pixels -> the axis-aligned box that covers it in input-frame pixels."""
+        corners = np.array([[x, y, 1], [x + width, y, 1], [x, y + height, 1], [x + width, y + height, 1]], float)
+        mapped = corners @ self.to_frame.T
+        mapped = mapped[:, :2] / mapped[:, 2:3]
+        left, top = np.floor(mapped.min(axis=0))
+        right, bottom = np.ceil(mapped.max(axis=0))
+        return int(left), int(top), int(right - left), int(bottom - top)
+
+    def add_error(self, node: str, message: str, error_type: str | None = None, **extra: Any) -> None:
+        entry: dict[str, Any] = {"node": node}
+        if error_type:
+            entry["type"] = error_type
+        entry["message"] = message
+        entry.update(extra)
+        self["errors"].append(entry)
+        self["error"] = True
+
+    def add_rectangle(self, node: str, x: float, y: float, width: float, height: float, *, label: str,
+                      confidence: float, source_type: str, color: str | None = None, class_id: int = 1,
+                      model_id: int = 0) -> dict[str, Any]:
+        """Add a rectangle given in current-image pixels; it is stored in input-frame pixels (PROTOCOL.md 3)."""
+        fx, fy, fw, fh = self.frame_box(x, y, width, height)
+        class_name: dict[str, Any] = {"id": class_id, "label": label, "confidence": round(confidence * 100)}
+        if color:
+            class_name["color"] = color
+        rectangle = {
+            "x": fx, "y": fy, "width": fw, "height": fh, "rotate": 0.0, "confidence": float(confidence),
+            "id": len(self["detectedRectangles"]) + 1, "detectedAsLast": True, "classNames": [class_name],
+            "source": {"modelId": model_id, "moduleId": node, "type": source_type},
+        }
+        self["detectedRectangles"].append(rectangle)
+        return rectangle
+
+
+def finish(ctx: Context, started: float) -> None:
+    """Fill the keys the client reads last: ids, detectedAsLast, the default verdict and the times."""
+    rectangles = ctx.get("detectedRectangles")
+    if isinstance(rectangles, list):
+        last_module = None
+        for index, rectangle in enumerate(rectangles, start=1):
+            if isinstance(rectangle, dict):
+                rectangle["id"] = index
+                last_module = (rectangle.get("source") or {}).get("moduleId", last_module)
+        for rectangle in rectangles:
+            if isinstance(rectangle, dict):
+                rectangle["detectedAsLast"] = (rectangle.get("source") or {}).get("moduleId") == last_module
+    if ctx.get("result") is None:
+        # The issue's rule: a flow without an evaluation passes.
+        ctx["result"] = True
+    ctx["processingTime"] = time.perf_counter() - started
+
+
+def _clean(value: Any, key: str, dropped: list[tuple[str, str]]) -> Any:
+    """JSON-able copy of `value`; numpy scalars become numbers, NaN/Inf null, anything else is dropped."""
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.generic) and not isinstance(value, (np.void, np.datetime64, np.timedelta64)):
+        return _clean(value.item(), key, dropped)
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                dropped.append((f"{key}.{k}", f"key of type {type(k).__name__} is not a string"))
+                continue
+            cleaned = _clean(v, f"{key}.{k}", dropped)
+            if cleaned is not DROPPED:
+                out[k] = cleaned
+        return out
+    if isinstance(value, (list, tuple)):
+        items = [_clean(v, f"{key}[{i}]", dropped) for i, v in enumerate(value)]
+        return [item for item in items if item is not DROPPED]
+    dropped.append((key, f"value of type {type(value).__name__} is not JSON-serialisable; dropped"))
+    return DROPPED
+
+
+DROPPED = object()
+
+
+def clean_json(value: Any, key: str) -> tuple[Any, list[tuple[str, str]]]:
+    """(JSON-able copy of value or DROPPED, [(key path, why it was dropped)])."""
+    dropped: list[tuple[str, str]] = []
+    return _clean(value, key, dropped), dropped
+
+
+def to_json(ctx: Context) -> bytes:
+    """Serialise the public part of the context (RELIABILITY 7.2: never a 500 from json.dumps)."""
+    dropped: list[tuple[str, str]] = []
+    public = {}
+    for key, value in ctx.items():
+        if key in PRIVATE_KEYS or not isinstance(key, str):
+            continue
+        cleaned = _clean(value, key, dropped)
+        if cleaned is not DROPPED:
+            public[key] = cleaned
+    if dropped:
+        errors = public.setdefault("errors", [])
+        for key, message in dropped:
+            errors.append({"node": "serialise", "key": key, "message": message})
+        public["error"] = True
+    return json.dumps(public, allow_nan=False, separators=(",", ":")).encode("utf-8")

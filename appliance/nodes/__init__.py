@@ -1,0 +1,27 @@
+"""The node registry: one line per node type. The flow loader, `check` and the docs all read it."""
+
+from __future__ import annotations
+
+from appliance.nodes.base import Node, type_tag
+from appliance.nodes.code import Code
+from appliance.nodes.color import Color
+from appliance.nodes.crop import Crop
+from appliance.nodes.evaluate import Evaluate
+from appliance.nodes.flip import Flip
+from appliance.nodes.mask import Mask
+from appliance.nodes.resize import Resize
+from appliance.nodes.rotate import Rotate
+
+NODE_TYPES: dict[str, type[Node]] = {
+    type_tag(node.settings_model): node
+    for node in (
+        Crop,
+        Resize,
+        Rotate,
+        Flip,
+        Color,
+        Mask,
+        Code,
+        Evaluate,
+    )
+}

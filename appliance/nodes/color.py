@@ -1,0 +1,26 @@
+"""color@1: convert the image to grayscale, or back to 3-channel BGR for nodes that need colour input."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import cv2
+
+from appliance.context import Context
+from appliance.nodes.base import Node, NodeSettings
+
+
+class ColorSettings(NodeSettings):
+    type: Literal["color@1"]
+    to: Literal["gray", "bgr"]
+
+
+class Color(Node[ColorSettings]):
+    settings_model = ColorSettings
+
+    def run(self, ctx: Context) -> None:
+        image = ctx["image"]
+        if self.settings.to == "gray" and image.ndim == 3:
+            ctx["image"] = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        elif self.settings.to == "bgr" and image.ndim == 2:
+            ctx["image"] = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)

@@ -1,0 +1,38 @@
+"""crop@1: keep a rectangular region of interest; later rectangles still refer to the input frame."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import NonNegativeInt, PositiveInt
+
+from appliance.context import Context
+from appliance.nodes.base import Node, NodeError, NodeSettings
+
+
+class CropSettings(NodeSettings):
+    type: Literal["crop@1"]
+    x: NonNegativeInt
+    y: NonNegativeInt
+    width: PositiveInt
+    height: PositiveInt
+    # A fixed camera sometimes delivers a smaller frame (binning, a misconfigured ROI on the camera): by
+    # default that is a flow error, or the part could pass uninspected; `clip` keeps what overlaps.
+    outside: Literal["error", "clip"] = "error"
+
+
+class Crop(Node[CropSettings]):
+    settings_model = CropSettings
+
+    def run(self, ctx: Context) -> None:
+        s = self.settings
+        image = ctx["image"]
+        height, width = image.shape[:2]
+        right, bottom = s.x + s.width, s.y + s.height
+        if right > width or bottom > height:
+            if s.outside == "error" or s.x >= width or s.y >= height:
+                raise NodeError(f"crop {s.x},{s.y} {s.width}x{s.height} is outside the {width}x{height} image")
+            right, bottom = min(right, width), min(bottom, height)
+        offset = np.array([[1, 0, s.x], [0, 1, s.y], [0, 0, 1]], float)
+        ctx.transform_image(image[s.y:bottom, s.x:right], offset)

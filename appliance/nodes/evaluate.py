@@ -1,0 +1,102 @@
+"""evaluate@1: set `result` (OK/NG) from declarative rules over the context; every rule must pass.
+
+Each outcome is also listed in `context["evaluation"]`, so an operator can see why a part was NG.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
+
+from appliance.context import Context
+from appliance.nodes.base import Node, NodeSettings
+
+
+class _Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoRectangles(_Rule):
+    """No rectangle (of `label`, or of any label) may be present."""
+
+    rule: Literal["no_rectangles"]
+    label: str | None = None
+
+
+class MaxRectangles(_Rule):
+    rule: Literal["max_rectangles"]
+    count: NonNegativeInt
+    label: str | None = None
+
+
+class MinRectangles(_Rule):
+    rule: Literal["min_rectangles"]
+    count: NonNegativeInt
+    label: str | None = None
+
+
+class ScoreBelow(_Rule):
+    """`context["score"]` must be below `threshold`, or below `context["threshold"]` when none is given."""
+
+    rule: Literal["score_below"]
+    threshold: float | None = None
+
+
+class KeyEquals(_Rule):
+    rule: Literal["key_equals"]
+    key: str = Field(min_length=1)
+    value: Any
+
+
+Rule = Annotated[NoRectangles | MaxRectangles | MinRectangles | ScoreBelow | KeyEquals, Field(discriminator="rule")]
+
+
+class EvaluateSettings(NodeSettings):
+    type: Literal["evaluate@1"]
+    rules: list[Rule] = Field(min_length=1)
+
+
+def _label(rectangle: Any) -> Any:
+    try:
+        return rectangle["classNames"][0]["label"]
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def _count(ctx: Context, label: str | None) -> int:
+    rectangles = ctx.get("detectedRectangles") or []
+    return sum(1 for r in rectangles if label is None or _label(r) == label)
+
+
+def _passes(rule: Any, ctx: Context) -> tuple[bool, str]:
+    if isinstance(rule, NoRectangles):
+        found = _count(ctx, rule.label)
+        return found == 0, f"{found} rectangle(s)" + (f" labelled {rule.label!r}" if rule.label else "")
+    if isinstance(rule, MaxRectangles):
+        found = _count(ctx, rule.label)
+        return found <= rule.count, f"{found} rectangle(s), at most {rule.count} allowed"
+    if isinstance(rule, MinRectangles):
+        found = _count(ctx, rule.label)
+        return found >= rule.count, f"{found} rectangle(s), at least {rule.count} needed"
+    if isinstance(rule, ScoreBelow):
+        score, threshold = ctx.get("score"), rule.threshold if rule.threshold is not None else ctx.get("threshold")
+        if not isinstance(score, (int, float)) or not isinstance(threshold, (int, float)):
+            return False, "no score or threshold in the context (is there an anomaly node before this one?)"
+        return score < threshold, f"score {score:.4g}, threshold {threshold:.4g}"
+    present = rule.key in ctx
+    actual = ctx.get(rule.key)
+    return present and actual == rule.value, f"{rule.key} is {actual!r}" if present else f"{rule.key} is not set"
+
+
+class Evaluate(Node[EvaluateSettings]):
+    settings_model = EvaluateSettings
+
+    def run(self, ctx: Context) -> None:
+        outcomes = []
+        for rule in self.settings.rules:
+            passed, detail = _passes(rule, ctx)
+            outcomes.append({"node": self.id, "rule": rule.rule, "passed": passed, "detail": detail})
+        ctx.setdefault("evaluation", []).extend(outcomes)
+        # A later evaluation overwrites an earlier one (PROTOCOL.md 7).
+        ctx["result"] = all(outcome["passed"] for outcome in outcomes)

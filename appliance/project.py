@@ -1,0 +1,84 @@
+"""A running project: its compiled flow and the synchronous inspection of one frame.
+
+`Project.inspect` is the whole data path after decoding (frame -> context -> flow), called from a
+worker thread; the server owns everything about HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from appliance.config.loader import ProjectFiles, load_project_files, sorted_problems
+from appliance.context import Context, finish
+from appliance.errors import ConfigError
+from appliance.flow.graph import FlowGraph, compile_flow
+from appliance.flow.runner import FlowRunner
+from appliance.nodes.base import NodeEnvironment
+
+if TYPE_CHECKING:
+    from appliance.frames import Frame
+
+log = logging.getLogger(__name__)
+
+
+class Project:
+    def __init__(self, files: ProjectFiles, graph: FlowGraph, env: NodeEnvironment):
+        self.files = files
+        self.config = files.config
+        self.api_key = files.api_key
+        self.graph = graph
+        self.env = env
+        self.runner = FlowRunner(graph)
+        self.ready_nodes = 0
+        self.flow_sha256 = hashlib.sha256(files.flow_path.read_bytes()).hexdigest()
+
+    @classmethod
+    def load(cls, project_dir: Path, *, code_allowed: bool = True) -> Project:
+        """Validate and compile; raises ConfigError with every problem. Nothing heavy runs here."""
+        files = load_project_files(project_dir)
+        env = NodeEnvironment(project_dir=files.directory, config=files.config, code_allowed=code_allowed)
+        graph, problems = compile_flow(files.flow, env)
+        if graph is None:
+            raise ConfigError(sorted_problems(problems))
+        return cls(files, graph, env)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def node_count(self) -> int:
+        return len(self.graph.nodes)
+
+    def prepare(self, workers: ThreadPoolExecutor | None = None) -> None:
+        """Load hooks and compile models, in threads; the project is ready when every node is."""
+        for node in self.graph.nodes.values():
+            node.prepare()
+            self.ready_nodes += 1
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_nodes == self.node_count
+
+    @property
+    def stuck_hooks(self) -> int:
+        hooks = self.env.extras.get("hooks")
+        return hooks.stuck if hooks is not None else 0
+
+    def inspect(self, frame: Frame, data: str) -> Context:
+        """Run the flow on one frame; never raises for a problem inside the flow (it is in `errors`)."""
+        started = time.perf_counter()
+        ctx = Context.for_frame(frame.image, data, frame.warnings)
+        ctx = self.runner.run(ctx)
+        finish(ctx, started)
+        return ctx
+
+    def close(self) -> None:
+        hooks = self.env.extras.get("hooks")
+        if hooks is not None:
+            hooks.shutdown()

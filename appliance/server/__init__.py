@@ -1,0 +1,1 @@
+"""The HTTP side: routes, auth, limits, request -> Frame, Context -> response, errors to JSON in one place."""

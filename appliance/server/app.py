@@ -1,0 +1,364 @@
+"""The aiohttp application of one project: PEKAT's endpoints, health, metrics, and the error middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from appliance import frames
+from appliance.errors import ApplianceError, BadRequest, Forbidden, PayloadTooLarge, ServiceUnavailable, Unauthorized
+from appliance.project import Project
+from appliance.server import params
+from appliance.server.answer import Answer, build_answer
+from appliance.server.auth import require_key
+from appliance.server.body import CLOSE, check_declared_size, read_body, read_multipart_file
+from appliance.telemetry.logs import redact_query
+from appliance.telemetry.metrics import Metrics
+
+log = logging.getLogger("appliance.server")
+
+ENDPOINTS = ("/analyze_image", "/analyze_raw_image", "/analyze_image_shared_memory", "/ping", "/version",
+             "/health/live", "/health/ready", "/metrics", "/stop")
+
+
+@dataclass
+class ServerState:
+    project: Project
+    stop_key: str | None
+    metrics: Metrics
+    workers: ThreadPoolExecutor
+    slots: int
+    queue_depth: int
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    ready: bool = False
+    draining: bool = False
+    waiting: int = 0
+    in_flight: int = 0
+    semaphore: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.semaphore = asyncio.Semaphore(self.slots)
+
+
+STATE = web.AppKey("state", ServerState)
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    response = web.json_response({"status": status, "message": message, "data": None}, status=status,
+                                 headers=headers)
+    if headers and headers.get("Connection") == "close":
+        response.force_close()
+    return response
+
+
+def _route_name(request: web.Request) -> str:
+    """A bounded label for metrics and logs: the route, never the raw path."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def access_log(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                     ) -> web.StreamResponse:
+    """Outermost: request id, metrics and one log line per request, with secrets redacted (RELIABILITY 15)."""
+    state = request.app[STATE]
+    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    started = time.perf_counter()
+    response = await handler(request)
+    duration = time.perf_counter() - started
+    endpoint = _route_name(request)
+    response.headers["X-Request-Id"] = request_id
+    state.metrics.requests.labels(endpoint, str(response.status)).inc()
+    state.metrics.request_duration.labels(endpoint).observe(duration)
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    level = logging.DEBUG if response.status < 400 else logging.INFO
+    log.log(level, "%s %s %s", request.method, request.path, response.status, extra={
+        "request_id": request_id, "endpoint": endpoint, "status": response.status, "method": request.method,
+        "duration_ms": round(duration * 1000, 2), "peer": peer[0] if peer else None,
+        "query": redact_query(request.rel_url.raw_query_string)[:500], "project": state.project.name})
+    return response
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                 ) -> web.StreamResponse:
+    """Every failure becomes {"status", "message", "data": null} with the same HTTP status."""
+    try:
+        return await handler(request)
+    except ApplianceError as error:
+        if isinstance(error, Unauthorized):
+            request.app[STATE].metrics.auth_failures.inc()
+        return error_response(error.status, error.message, error.headers)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        path = request.path[:200]
+        if error.status == 404:
+            message = f"no endpoint at {path}; endpoints: {', '.join(ENDPOINTS)}"
+            return error_response(404, message)
+        if error.status == 405:
+            allowed = error.headers.get("Allow", "")
+            return error_response(405, f"method {request.method} is not allowed on {path}; use {allowed}",
+                                  {"Allow": allowed})
+        if error.status == 413:
+            limit = request.app[STATE].project.config.limits.body_bytes
+            return error_response(413, f"body exceeds max_body_bytes {limit}", CLOSE)
+        return error_response(error.status, error.reason)
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception:
+        log.exception("unexpected error on %s", request.path[:200])
+        return error_response(500, "internal error; the appliance log has the details")
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """Refuse an oversized upload before inviting it with `100 Continue` (RELIABILITY 2.9)."""
+    limits = request.app[STATE].project.config.limits
+    try:
+        check_declared_size(request, limits)
+    except PayloadTooLarge as error:
+        return error_response(error.status, error.message, error.headers)
+    if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+    return None
+
+
+def _is_loopback(request: web.Request) -> bool:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _admit(state: ServerState) -> None:
+    """Refuse at once what cannot be served: not ready, draining, or the queue full (RELIABILITY 8.1, 8.4)."""
+    if state.draining:
+        state.metrics.rejected.labels("draining").inc()
+        raise ServiceUnavailable("shutting down", headers=CLOSE)
+    if not state.ready:
+        raise ServiceUnavailable(f"not ready: preparing the flow's nodes ({state.project.ready_nodes} of "
+                                 f"{state.project.node_count} ready)", headers={"Retry-After": "1"})
+    if state.waiting >= state.queue_depth:
+        state.metrics.rejected.labels("queue_full").inc()
+        raise ServiceUnavailable(f"busy: queue of {state.queue_depth} is full", headers={"Retry-After": "1"})
+
+
+async def _process(request: web.Request, state: ServerState, work: Callable[[], Answer]) -> web.Response:
+    """Wait for a worker within the queue timeout, then decode, inspect and encode in the worker thread."""
+    _admit(state)
+    limits = state.project.config.limits
+    state.waiting += 1
+    state.metrics.queue_depth.inc()
+    try:
+        try:
+            async with asyncio.timeout(limits.queue_timeout_s):
+                await state.semaphore.acquire()
+        except TimeoutError:
+            state.metrics.rejected.labels("deadline").inc()
+            raise ServiceUnavailable(f"deadline exceeded: waited {limits.queue_timeout_s:g} s in queue",
+                                     headers={"Retry-After": "1"}) from None
+    finally:
+        state.waiting -= 1
+        state.metrics.queue_depth.dec()
+    try:
+        if request.transport is None or request.transport.is_closing():
+            state.metrics.client_disconnects.labels("queued").inc()
+            raise ConnectionResetError("client left while queued")
+        state.in_flight += 1
+        state.metrics.in_flight.inc()
+        try:
+            answer = await asyncio.get_running_loop().run_in_executor(state.workers, work)
+        finally:
+            state.in_flight -= 1
+            state.metrics.in_flight.dec()
+    finally:
+        state.semaphore.release()
+    return web.Response(body=answer.body, content_type=answer.content_type, headers=answer.headers)
+
+
+def _worker(state: ServerState, decode: Callable[[], frames.Frame], query: params.AnalyzeParams,
+            started: float) -> Callable[[], Answer]:
+    project = state.project
+    settings = project.config.image_response
+
+    def work() -> Answer:
+        frame = decode()
+        ctx = project.inspect(frame, query.data)
+        verdict = "ok" if ctx.get("result") else "ng"
+        state.metrics.verdicts.labels(verdict).inc()
+        ctx["completeTime"] = time.perf_counter() - started
+        return build_answer(ctx, query.response_type, context_in_body=query.context_in_body,
+                            image_format=query.image_format or settings.format,
+                            jpeg_quality=query.jpeg_quality or settings.jpeg_quality)
+
+    return work
+
+
+def _begin(request: web.Request) -> tuple[ServerState, dict[str, bytes], params.AnalyzeParams]:
+    state = request.app[STATE]
+    query = params.parse_query(request.rel_url.raw_query_string)
+    require_key(request, query, state.project.api_key)
+    analyze = params.analyze_params(query, max_data_bytes=state.project.config.limits.max_data_bytes)
+    return state, query, analyze
+
+
+def _frame_size(query: dict[str, bytes], state: ServerState) -> tuple[int, int]:
+    width, height = params.dimension(query, "width"), params.dimension(query, "height")
+    limit = state.project.config.limits.max_frame_pixels
+    if width * height > limit:
+        raise PayloadTooLarge(f"frame {width}x{height} = {width * height} pixels exceeds this project's "
+                              f"max_frame_pixels {limit}", headers=CLOSE)
+    return width, height
+
+
+async def analyze_image(request: web.Request) -> web.Response:
+    started = time.perf_counter()
+    state, _, query = _begin(request)
+    _admit(state)
+    limits = state.project.config.limits
+    if request.content_type == "multipart/form-data":
+        body = await read_multipart_file(request, limits)
+    else:
+        body = await read_body(request, limits)
+    color = state.project.config.color
+
+    def decode() -> frames.Frame:
+        return frames.decode_image(body, max_frame_pixels=limits.max_frame_pixels, color=color)
+
+    return await _process(request, state, _worker(state, decode, query, started))
+
+
+async def analyze_raw_image(request: web.Request) -> web.Response:
+    started = time.perf_counter()
+    state, raw_query, query = _begin(request)
+    width, height = _frame_size(raw_query, state)
+    bayer = params.flag(raw_query, "bayer")
+    _admit(state)
+    body = await read_body(request, state.project.config.limits)
+    color = state.project.config.color
+
+    def decode() -> frames.Frame:
+        return frames.raw_frame(body, width, height, bayer=bayer, color=color)
+
+    return await _process(request, state, _worker(state, decode, query, started))
+
+
+async def analyze_shared_memory(request: web.Request) -> web.Response:
+    started = time.perf_counter()
+    state, raw_query, query = _begin(request)
+    if not _is_loopback(request):
+        raise Forbidden("shared memory is only available to clients on this machine")
+    width, height = _frame_size(raw_query, state)
+    name = raw_query.get("name")
+    if name is None:
+        raise BadRequest("missing query parameter 'name'")
+    try:
+        name_text = name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("invalid shared memory name") from None
+    # No body is expected; any that was sent is left unread, and the connection closed after the answer (1.15).
+    check_declared_size(request, state.project.config.limits)
+    color = state.project.config.color
+
+    def decode() -> frames.Frame:
+        return frames.read_shared_memory(name_text, width, height, color=color)
+
+    response = await _process(request, state, _worker(state, decode, query, started))
+    if request.can_read_body:
+        response.force_close()
+    return response
+
+
+async def ping(request: web.Request) -> web.Response:
+    return web.Response(text="pong")
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[STATE].project.config.version_reply)
+
+
+async def health_live(request: web.Request) -> web.Response:
+    return web.json_response({"status": "live"})
+
+
+async def health_ready(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    project = state.project
+    if state.draining:
+        raise ServiceUnavailable("not ready: shutting down")
+    if not state.ready:
+        raise ServiceUnavailable(f"not ready: preparing the flow's nodes ({project.ready_nodes} of "
+                                 f"{project.node_count} ready)")
+    limit = project.config.limits.max_stuck_hooks
+    if project.stuck_hooks >= limit:
+        raise ServiceUnavailable(f"not ready: {project.stuck_hooks} Code hooks are stuck (limit {limit}); "
+                                 "restart the service")
+    return web.json_response({"status": "ready", "project": project.name, "nodes": project.node_count})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = generate_latest(state.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def stop(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.stop_key is None:
+        raise Forbidden("stop is disabled for this project")
+    query = params.parse_query(request.rel_url.raw_query_string)
+    given = query.get("key")
+    if given is None or not hmac.compare_digest(given, state.stop_key.encode("utf-8")):
+        raise Unauthorized("wrong or missing stop key")
+    # Answer first, then stop: the PEKAT client raises ConnectionError if the connection drops unanswered.
+    asyncio.get_running_loop().call_later(0.2, state.stop_requested.set)
+    return web.json_response({"status": 200, "message": "stopping", "data": None})
+
+
+def create_app(project: Project, *, stop_key: str | None = None, workers: int | None = None) -> web.Application:
+    limits = project.config.limits
+    slots = workers or max(1, os.cpu_count() or 1)
+    # Long request lines: a `data` value up to max_data_bytes, fully percent-encoded, must fit (RELIABILITY 1.9).
+    # keepalive: aiohttp's default keeps an idle connection for an hour (2.7).
+    app = web.Application(middlewares=[access_log, errors], client_max_size=limits.body_bytes,
+                          handler_args={"max_line_size": 65536, "max_field_size": 65536, "keepalive_timeout": 15})
+    app[STATE] = ServerState(
+        project=project, stop_key=stop_key, metrics=Metrics(project.name, project.flow_sha256),
+        workers=ThreadPoolExecutor(max_workers=slots, thread_name_prefix="worker"), slots=slots,
+        queue_depth=limits.queue_depth or 2 * slots)
+    for path, handler in (("/analyze_image", analyze_image), ("/analyze_raw_image", analyze_raw_image),
+                          ("/analyze_image_shared_memory", analyze_shared_memory)):
+        app.router.add_post(path, handler, expect_handler=expect_continue)
+    app.router.add_get("/ping", ping)
+    app.router.add_get("/version", version)
+    app.router.add_get("/stop", stop)
+    app.router.add_get("/health/live", health_live)
+    app.router.add_get("/health/ready", health_ready)
+    app.router.add_get("/metrics", metrics)
+
+    async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
+        yield
+        app[STATE].workers.shutdown(wait=False, cancel_futures=True)
+        project.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+

@@ -1,0 +1,64 @@
+"""Reading request bodies within the project's limits (RELIABILITY 2): size decided from the headers first."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from appliance.config.project import Limits
+from appliance.errors import ApplianceError, BadRequest, PayloadTooLarge
+
+CLOSE = {"Connection": "close"}
+
+
+def too_large(size: int, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"body of {size} bytes exceeds max_body_bytes {limit}", headers=CLOSE)
+
+
+def check_declared_size(request: web.Request, limits: Limits) -> None:
+    """Refuse from Content-Length before reading: aiohttp would hang waiting for an over-limit body (2.1)."""
+    size = request.content_length
+    if size is not None and size > limits.body_bytes:
+        raise too_large(size, limits.body_bytes)
+
+
+async def read_body(request: web.Request, limits: Limits) -> bytes:
+    check_declared_size(request, limits)
+    try:
+        async with asyncio.timeout(limits.body_read_timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise ApplianceError(f"body not received within {limits.body_read_timeout_s:g} s", status=408,
+                             headers=CLOSE) from None
+    except web.HTTPRequestEntityTooLarge:
+        # A chunked upload that grew past client_max_size (= max_body_bytes), 2.2.
+        raise too_large(limits.body_bytes + 1, limits.body_bytes) from None
+
+
+async def read_multipart_file(request: web.Request, limits: Limits) -> bytes:
+    """The part named `file` of a multipart/form-data body, read in chunks under the body limit (3.12, 3.13)."""
+    check_declared_size(request, limits)
+    names: list[str] = []
+    try:
+        async with asyncio.timeout(limits.body_read_timeout_s):
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                name = getattr(part, "name", None) or ""
+                if name != "file":
+                    names.append(name)
+                    continue
+                chunks, size = [], 0
+                while chunk := await part.read_chunk(1 << 20):  # type: ignore[union-attr]
+                    size += len(chunk)
+                    if size > limits.body_bytes:
+                        raise too_large(size, limits.body_bytes)
+                    chunks.append(chunk)
+                return b"".join(chunks)
+    except TimeoutError:
+        raise ApplianceError(f"body not received within {limits.body_read_timeout_s:g} s", status=408,
+                             headers=CLOSE) from None
+    except ValueError as error:
+        raise BadRequest(f"multipart body could not be parsed: {str(error)[:100]}") from None
+    present = ", ".join(n for n in names if n) or "none"
+    raise BadRequest(f"multipart body has no 'file' field (fields present: {present})")

@@ -1,0 +1,76 @@
+"""Run one project: bind first, print PEKAT's launch markers, prepare the nodes, serve until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import sys
+
+from aiohttp import web
+
+from appliance.project import Project
+from appliance.server.app import STATE, create_app
+
+log = logging.getLogger("appliance.serve")
+
+# Exit codes systemd can tell apart (RELIABILITY 11).
+EXIT_CONFIG = 78
+EXIT_PORT_IN_USE = 75
+
+
+def _say(line: str) -> None:
+    # The PEKAT client reads these markers from our stdout, line by line (PROTOCOL.md 6).
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+async def serve_project(project: Project, host: str, port: int, stop_key: str | None) -> int:
+    app = create_app(project, stop_key=stop_key)
+    state = app[STATE]
+    runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                           shutdown_timeout=project.config.limits.drain_timeout_s)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as error:
+        await runner.cleanup()
+        if error.errno == errno.EADDRINUSE:
+            # The PEKAT client matches this exact text (errno 48 is macOS's; Linux says 98).
+            _say("OSError: [Errno 48] Address already in use")
+            print(f"port {port} on {host} is already in use (another project or PEKAT instance?)",
+                  file=sys.stderr, flush=True)
+            return EXIT_PORT_IN_USE
+        raise
+    _say("__SERVER_RUNNING__")
+    log.info("serving project %s on http://%s:%d", project.name, host, port)
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal() -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("second stop signal during the drain: exiting now, abandoning %d requests", state.in_flight)
+            sys.stderr.flush()
+            os._exit(1)
+        state.stop_requested.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await loop.run_in_executor(None, project.prepare)
+    except Exception:
+        log.exception("preparing the flow's nodes failed")
+        await runner.cleanup()
+        return 1
+    state.ready = True
+    _say("STOP_INIT_MODEL")
+    await state.stop_requested.wait()
+    state.draining = True
+    log.info("stopping: draining %d requests in flight", state.in_flight)
+    await runner.cleanup()
+    return 0

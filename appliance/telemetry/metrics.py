@@ -1,0 +1,41 @@
+"""Prometheus metrics of one project process; names follow RELIABILITY.md 15 (one prefix, base units)."""
+
+from __future__ import annotations
+
+import platform
+
+import openvino
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+import appliance
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class Metrics:
+    """One registry per server, so several servers in one test process never share series."""
+
+    def __init__(self, project: str, flow_sha256: str):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("appliance_requests", "HTTP requests by route and status code",
+                                ["endpoint", "code"], registry=r)
+        self.request_duration = Histogram("appliance_request_duration_seconds", "End-to-end request latency",
+                                          ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("appliance_in_flight_requests", "Analyze requests being processed", registry=r)
+        self.queue_depth = Gauge("appliance_queue_depth", "Analyze requests waiting for a worker", registry=r)
+        self.rejected = Counter("appliance_rejected_requests", "Requests refused before processing", ["reason"],
+                                registry=r)
+        self.verdicts = Counter("appliance_verdicts", "Inspection verdicts", ["result"], registry=r)
+        self.hook_errors = Counter("appliance_hook_errors", "Code hook failures", ["node"], registry=r)
+        self.auth_failures = Counter("appliance_auth_failures", "Requests with a missing or wrong API key",
+                                     registry=r)
+        self.client_disconnects = Counter("appliance_client_disconnects", "Clients gone before the answer",
+                                          ["phase"], registry=r)
+        Info("appliance_build", "Versions of this build", registry=r).info({
+            "version": appliance.__version__,
+            "openvino_version": openvino.__version__.split("-")[0],
+            "python_version": platform.python_version(),
+        })
+        Info("appliance_project", "The project this process serves", registry=r).info({
+            "project": project, "flow_sha256": flow_sha256})

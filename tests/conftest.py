@@ -1,0 +1,126 @@
+"""Fixtures: real servers on 127.0.0.1 (the `appliance serve` process) and projects written to tmp folders."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_project(folder: Path, flow: dict | str, *, hooks: dict[str, str] | None = None, **settings) -> Path:
+    """A project folder with project.yaml, flow.yaml and hook modules, ready for `appliance serve`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    flow_text = flow if isinstance(flow, str) else yaml.safe_dump(flow, sort_keys=False)
+    (folder / "flow.yaml").write_text(textwrap.dedent(flow_text))
+    config = {"name": settings.pop("name", "test"), "flow": "flow.yaml", **settings}
+    (folder / "project.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    for module, source in (hooks or {}).items():
+        (folder / "code").mkdir(exist_ok=True)
+        (folder / "code" / f"{module}.py").write_text(textwrap.dedent(source))
+    return folder
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    port: int
+    log_file: Path
+    stdout_lines: list[str]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(project: Path, *extra: str, log_file: Path | None = None, wait_ready: bool = True,
+                 env: dict[str, str] | None = None, timeout: float = 60) -> Server:
+    port = free_port()
+    log_file = log_file or project / "server.log"
+    command = [sys.executable, "-m", "appliance", "serve", str(project), "--host", "127.0.0.1", "--port", str(port),
+               "--log-file", str(log_file), "--log-level", "DEBUG", *extra]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                               env={**os.environ, **(env or {})}, text=True)
+    server = Server(process, port, log_file, [])
+    marker = "STOP_INIT_MODEL" if wait_ready else "__SERVER_RUNNING__"
+    deadline = time.monotonic() + timeout
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], 0.2)
+        if ready:
+            line = process.stdout.readline()
+            if not line and process.poll() is not None:
+                break
+            server.stdout_lines.append(line.rstrip("\n"))
+            if marker in line:
+                return server
+        elif process.poll() is not None:
+            break
+    process.kill()
+    stderr = process.stderr.read() if process.stderr else ""
+    raise RuntimeError(f"server did not start: stdout={server.stdout_lines} stderr={stderr[-2000:]}")
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator:
+    """serve(project_dir, *args) starts a server and stops it after the test."""
+    started: list[Server] = []
+
+    def _serve(project: Path, *extra: str, **kwargs) -> Server:
+        server = start_server(project, *extra, **kwargs)
+        started.append(server)
+        return server
+
+    yield _serve
+    for server in started:
+        server.stop(signal.SIGKILL if server.process.poll() is None else signal.SIGTERM, timeout=5)
+        for stream in (server.process.stdout, server.process.stderr):
+            if stream:
+                stream.close()
+
+
+@pytest.fixture(scope="session")
+def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The shipped demo project, served once for the whole session."""
+    log_file = tmp_path_factory.mktemp("demo") / "server.log"
+    server = start_server(REPO / "projects" / "demo", log_file=log_file)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def http() -> Iterator[requests.Session]:
+    with requests.Session() as session:
+        yield session
