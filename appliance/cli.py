@@ -14,12 +14,13 @@ import sys
 from pathlib import Path
 
 from appliance import __version__
-from appliance.errors import ConfigError
+from appliance.errors import ConfigError, DeviceUnavailable
 
 _PEKAT_VALUE_FLAGS = {"-data": "project_dir", "-port": "--port", "-host": "--host", "-stop_key": "--stop-key",
                       "-gpu": "--gpu", "-api_key": None, "-password": None}
 _PEKAT_BOOL_FLAGS = {"-disable_code": "--disable-code", "-tutorial_only": None}
 _FALSE_WORDS = {"0", "false", "no", "off"}
+_TRUE_WORDS = {"1", "true", "yes", "on"}
 
 
 def translate_pekat_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -31,19 +32,20 @@ def translate_pekat_args(argv: list[str]) -> tuple[list[str], list[str]]:
     while i < len(argv):
         arg = argv[i]
         if arg in _PEKAT_VALUE_FLAGS and i + 1 < len(argv):
-            target, value = _PEKAT_VALUE_FLAGS[arg], argv[i + 1]
-            if target == "project_dir":
+            value_target, value = _PEKAT_VALUE_FLAGS[arg], argv[i + 1]
+            if value_target == "project_dir":
                 project = [value]
-            elif target is None:
+            elif value_target is None:
                 warnings.append(f"{arg} is ignored: the key comes from project.yaml")
             else:
-                out += [target, value]
+                out += [value_target, value]
             i += 2
             continue
         if arg in _PEKAT_BOOL_FLAGS:
-            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else None
-            i += 2 if value is not None else 1
-            enabled = value is None or value.strip().lower() not in _FALSE_WORDS
+            word = argv[i + 1].strip().lower() if i + 1 < len(argv) else ""
+            has_value = word in _FALSE_WORDS or word in _TRUE_WORDS
+            i += 2 if has_value else 1
+            enabled = not has_value or word in _TRUE_WORDS
             target = _PEKAT_BOOL_FLAGS[arg]
             if target is None:
                 warnings.append(f"{arg} is ignored")
@@ -57,7 +59,7 @@ def translate_pekat_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def _serve(args: argparse.Namespace, warnings: list[str]) -> int:
     from appliance.project import Project
-    from appliance.server.serve import EXIT_CONFIG, serve_project
+    from appliance.server.serve import EXIT_CONFIG, EXIT_DEVICE_ABSENT, serve_project
     from appliance.telemetry.logs import configure_logging
 
     project_dir = Path(args.project_dir)
@@ -72,7 +74,7 @@ def _serve(args: argparse.Namespace, warnings: list[str]) -> int:
         for problem in error.problems:
             print(problem, file=sys.stderr)
         print(f"{len(error.problems)} problem(s); not serving", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
+        return EXIT_DEVICE_ABSENT if isinstance(error, DeviceUnavailable) else EXIT_CONFIG
     host = args.host or project.config.host
     port = args.port or project.config.port
     code = asyncio.run(serve_project(project, host, port, args.stop_key))
@@ -98,6 +100,28 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _devices(args: argparse.Namespace) -> int:
+    from appliance.config.profile import all_profiles, profiles_dir
+    from appliance.runtime.devices import available_devices, device_name, place
+
+    devices = available_devices()
+    print("OpenVINO devices on this machine:")
+    for device in devices:
+        print(f"  {device:8} {device_name(device)}")
+    print(f"\nFirmware profiles ({profiles_dir()}):")
+    for name, profile in all_profiles().items():
+        if isinstance(profile, list):
+            print(f"  {name:6} invalid: " + "; ".join(str(p) for p in profile))
+            continue
+        placement = place(profile, devices)
+        verdict = f"runs on {placement.device}" if placement.runnable else "cannot run here"
+        print(f"  {name:6} {verdict}: {placement.reason}")
+        if not placement.runnable:
+            for need in profile.needs:
+                print(f"         needs {need}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="Visual inspection appliance (PEKAT-compatible)")
     parser.add_argument("--version", action="version", version=f"appliance {__version__}")
@@ -116,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a project and its flow without serving")
     check.add_argument("project_dir")
     check.add_argument("--disable-code", action="store_true")
+
+    commands.add_parser("devices", help="list OpenVINO devices and which firmware profiles can run here")
     return parser
 
 
@@ -135,4 +161,6 @@ def main(argv: list[str] | None = None) -> int:
             # markers, and a full pipe would block the server, so logs go to a file.
             args.log_file = str(Path(args.project_dir) / "logs" / "appliance.log")
         return _serve(args, warnings)
+    if args.command == "devices":
+        return _devices(args)
     return _check(args)

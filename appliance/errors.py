@@ -57,3 +57,7 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]):
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+class DeviceUnavailable(ConfigError):
+    """The firmware profile's device is absent here and no fallback is allowed (exit 69, RELIABILITY 11.4)."""

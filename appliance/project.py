@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING
 
 from appliance.config.loader import ProjectFiles, load_project_files, sorted_problems
 from appliance.context import Context, finish
-from appliance.errors import ConfigError
+from appliance.errors import ConfigError, DeviceUnavailable
 from appliance.flow.graph import FlowGraph, compile_flow
 from appliance.flow.runner import FlowRunner
 from appliance.nodes.base import NodeEnvironment
+from appliance.runtime.devices import place
 
 if TYPE_CHECKING:
     from appliance.frames import Frame
@@ -36,11 +37,18 @@ class Project:
         self.runner = FlowRunner(graph)
         self.ready_nodes = 0
         self.flow_sha256 = hashlib.sha256(files.flow_path.read_bytes()).hexdigest()
+        self.device = place(files.profile).device
 
     @classmethod
     def load(cls, project_dir: Path, *, code_allowed: bool = True) -> Project:
         """Validate and compile; raises ConfigError with every problem. Nothing heavy runs here."""
         files = load_project_files(project_dir)
+        placement = place(files.profile)
+        if not placement.runnable:
+            files.profile_problem.message = placement.reason
+            raise DeviceUnavailable([str(files.profile_problem)])
+        if placement.device != files.profile.device:
+            log.warning(placement.reason)
         env = NodeEnvironment(project_dir=files.directory, config=files.config, code_allowed=code_allowed)
         graph, problems = compile_flow(files.flow, env)
         if graph is None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from appliance.config.flow import FlowSpec, validate_flow
+from appliance.config.profile import FirmwareProfile, load_profile
 from appliance.config.project import ProjectConfig, resolve_api_key
 from appliance.config.source import Problem, load_yaml, validation_problems
 from appliance.errors import ConfigError
@@ -24,6 +25,9 @@ class ProjectFiles:
     api_key: bytes | None
     flow: FlowSpec
     flow_path: Path
+    profile: FirmwareProfile
+    # Where project.yaml names the profile, for the problem when its device is absent here.
+    profile_problem: Problem
 
 
 def _display(path: Path) -> str:
@@ -55,6 +59,13 @@ def load_project_files(project_dir: Path) -> ProjectFiles:
             api_key = resolve_api_key(config, project_dir)
         except ValueError as error:
             problems.append(doc.problem(("api_key",), str(error)))
+    profile = None
+    if config is not None:
+        profile, profile_problems = load_profile(config.firmware_profile)
+        if profile_problems:
+            problems.append(doc.problem(("firmware_profile",), "; ".join(
+                p.message if p.file.endswith(f"{config.firmware_profile}.yaml") and not p.line else str(p)
+                for p in profile_problems)))
     flow = None
     flow_path = project_dir
     if config is not None:
@@ -68,9 +79,10 @@ def load_project_files(project_dir: Path) -> ProjectFiles:
         else:
             flow, flow_problems = validate_flow(flow_doc)
             problems += flow_problems
-    if problems or config is None or flow is None:
+    if problems or config is None or flow is None or profile is None:
         raise ConfigError(sorted_problems(problems))
-    return ProjectFiles(project_dir, config, api_key, flow, flow_path)
+    return ProjectFiles(project_dir, config, api_key, flow, flow_path, profile,
+                        doc.problem(("firmware_profile",), ""))
 
 
 def sorted_problems(problems: list[Problem]) -> list[str]:

@@ -52,7 +52,7 @@ class ImageResponse(StrictModel):
     """How `image`, `annotated_image` and `heatmap` answers are encoded when the client does not say."""
 
     format: Literal["png", "jpeg"] = "png"
-    jpeg_quality: int = Field(90, ge=1, le=100)
+    jpeg_quality: int = Field(default=90, ge=1, le=100)
 
 
 class ProjectConfig(StrictModel):

@@ -19,6 +19,7 @@ log = logging.getLogger("appliance.serve")
 # Exit codes systemd can tell apart (RELIABILITY 11).
 EXIT_CONFIG = 78
 EXIT_PORT_IN_USE = 75
+EXIT_DEVICE_ABSENT = 69
 
 
 def _say(line: str) -> None:
