@@ -9,20 +9,25 @@ from aiohttp import web
 from appliance.errors import Unauthorized
 
 
+def _raw(header_value: str) -> bytes:
+    """The bytes the client sent: aiohttp 3.14 decodes header bytes as UTF-8 with surrogateescape (measured in
+    its parser), so encoding the same way recovers them exactly, non-UTF-8 bytes included."""
+    return header_value.encode("utf-8", "surrogateescape")
+
+
 def key_candidates(request: web.Request, query: dict[str, bytes]) -> list[bytes]:
     """Every key the request carries, as the raw bytes the client meant."""
     candidates = []
     if "api_key" in query:
         candidates.append(query["api_key"])
-    # aiohttp decodes header bytes as Latin-1 (with surrogateescape for the rest); re-encoding recovers them.
     header = request.headers.get("X-API-Key")
     if header is not None:
-        candidates.append(header.encode("latin-1", "surrogateescape"))
+        candidates.append(_raw(header))
     authorization = request.headers.get("Authorization")
     if authorization is not None:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() == "bearer":
-            candidates.append(token.strip().encode("latin-1", "surrogateescape"))
+            candidates.append(_raw(token.strip()))
     return candidates
 
 

@@ -177,7 +177,7 @@ def test_2_2_chunked_upload_growing_past_the_limit(keyed):
         for _ in range(20):
             yield b"\0" * 1_000_000
 
-    response = requests.post(f"{keyed.url}/analyze_image", data=chunks(), headers={"X-API-Key": KEY})
+    response = requests.post(f"{keyed.url}/analyze_image", data=chunks(), params={"api_key": KEY})
     status, message = error_of(response)
     assert status == 413 and "exceeds max_body_bytes 13048576" in message
 

@@ -48,7 +48,7 @@ def test_sdk_analyses_a_path_bytes_and_a_numpy_frame(demo_server, spot_png, resp
 
 def test_sdk_numpy_frames_of_changing_shape_reuse_and_replace_the_block(demo_server):
     client = Instance(port=demo_server.port, already_running=True)
-    for height in (1080, 1080, 720):
+    for height in (1080, 1080, 1200):
         result = client.analyze(part_image(False, 1920, height))
         assert result.context["imageShape"] == {"height": height, "width": 1920}
         assert result.context["result"] is True

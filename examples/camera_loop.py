@@ -1,0 +1,116 @@
+"""A camera-loop client: send frames from a video file, an image folder or a V4L2 camera to the appliance.
+
+    python examples/camera_loop.py --source /dev/video0 --rate 10 --as bayer
+    python examples/camera_loop.py --source parts/ --as jpeg --url http://127.0.0.1:8000
+    python examples/camera_loop.py --source line.mp4 --as bgr --max-frames 100
+
+Each answer's verdict, rectangles and latency is printed, one line per frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import requests
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def frames_from(source: str, loop: bool) -> Iterator[tuple[str, np.ndarray]]:
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise SystemExit(f"no images in {path}")
+        while True:
+            for file in files:
+                image = cv2.imread(str(file), cv2.IMREAD_COLOR)
+                if image is not None:
+                    yield file.name, image
+            if not loop:
+                return
+    capture = cv2.VideoCapture(int(source) if source.isdigit() else source)
+    if not capture.isOpened():
+        raise SystemExit(f"cannot open {source} as a video file or camera")
+    index = 0
+    while True:
+        ok, image = capture.read()
+        if not ok:
+            if loop and not source.startswith("/dev/") and not source.isdigit():
+                capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                continue
+            return
+        index += 1
+        yield f"frame {index}", image
+
+
+def to_rggb(bgr: np.ndarray) -> np.ndarray:
+    """What an RGGB (Bayer RG8) sensor would deliver for this image; odd edges are cut."""
+    h, w = bgr.shape[0] & ~1, bgr.shape[1] & ~1
+    bgr = bgr[:h, :w]
+    mosaic = np.empty((h, w), np.uint8)
+    mosaic[0::2, 0::2] = bgr[0::2, 0::2, 2]
+    mosaic[0::2, 1::2] = bgr[0::2, 1::2, 1]
+    mosaic[1::2, 0::2] = bgr[1::2, 0::2, 1]
+    mosaic[1::2, 1::2] = bgr[1::2, 1::2, 0]
+    return mosaic
+
+
+def request_for(image: np.ndarray, kind: str) -> tuple[str, bytes]:
+    if kind == "jpeg":
+        return "/analyze_image", cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes()
+    if kind == "bayer":
+        mosaic = to_rggb(image)
+        return f"/analyze_raw_image?width={mosaic.shape[1]}&height={mosaic.shape[0]}&bayer", mosaic.tobytes()
+    return f"/analyze_raw_image?width={image.shape[1]}&height={image.shape[0]}", np.ascontiguousarray(image).tobytes()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", required=True, help="video file, image folder, /dev/videoN or camera index")
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--as", dest="kind", choices=["bgr", "bayer", "jpeg"], default="jpeg")
+    parser.add_argument("--rate", type=float, default=0, help="frames per second (0: as fast as answered)")
+    parser.add_argument("--max-frames", type=int, default=0)
+    parser.add_argument("--api-key", help="sent as X-API-Key")
+    parser.add_argument("--loop", action="store_true", help="start again at the end of a file or folder")
+    args = parser.parse_args()
+
+    session = requests.Session()
+    if args.api_key:
+        session.headers["X-API-Key"] = args.api_key
+    interval = 1 / args.rate if args.rate > 0 else 0
+    counts = {"OK": 0, "NG": 0, "error": 0}
+    next_time = time.monotonic()
+    for sent, (name, image) in enumerate(frames_from(args.source, args.loop), start=1):
+        path, body = request_for(image, args.kind)
+        started = time.perf_counter()
+        answer = session.post(args.url + path, data=body, timeout=20)
+        latency = (time.perf_counter() - started) * 1000
+        ctx = answer.json()
+        if answer.status_code != 200:
+            counts["error"] += 1
+            print(f"{name}: error {answer.status_code}: {ctx.get('message')}")
+        else:
+            verdict = "OK" if ctx.get("result") else "NG"
+            counts[verdict] += 1
+            boxes = ", ".join(f"{r['classNames'][0]['label']}@{r['x']},{r['y']} {r['width']}x{r['height']}"
+                              for r in ctx.get("detectedRectangles", []))
+            print(f"{name}: {verdict} {latency:.1f} ms {boxes}")
+        if args.max_frames and sent >= args.max_frames:
+            break
+        if interval:
+            next_time += interval
+            time.sleep(max(0.0, next_time - time.monotonic()))
+    print(f"done: {counts['OK']} OK, {counts['NG']} NG, {counts['error']} errors", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
