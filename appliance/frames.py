@@ -166,7 +166,7 @@ def decode_image(data: bytes | memoryview, *, max_frame_pixels: int, color: Colo
     if image is None:
         raise BadRequest(f"{fmt.upper()} could not be decoded (truncated or corrupt)")
     if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
+        image = np.right_shift(image, 8).astype(np.uint8)
     elif image.dtype != np.uint8:
         raise UnsupportedMediaType(f"{fmt.upper()} with {image.dtype} samples is not supported; send 8 or 16 bits")
     if image.ndim == 3 and image.shape[2] == 4:
@@ -188,6 +188,7 @@ def _pixels(buffer: bytes | memoryview | np.ndarray, width: int, height: int, so
     channels, remainder = divmod(flat.size, pixels)
     if remainder or channels not in (1, 3, 4):
         raise BadRequest(_size_message(what, flat.size, width, height))
+    image: np.ndarray
     if channels == 1:
         image = flat.reshape(height, width)
         kind = "gray"
@@ -243,7 +244,7 @@ def read_shared_memory(name: str, width: int, height: int, *, color: ColorMode =
             raise BadRequest(_size_message(f"segment '{bare}'", size, width, height))
         buffer = np.empty(size, np.uint8)
         # A client may truncate its block at any time: a short read is an error, a mapping would be SIGBUS.
-        read = os.preadv(fd, [buffer], 0)
+        read = os.preadv(fd, [buffer.data], 0)
         if read != size:
             raise BadRequest(_size_message(f"segment '{bare}'", read, width, height))
     finally:
