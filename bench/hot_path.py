@@ -116,7 +116,9 @@ def main() -> None:
         project_dir = Path(tmp) / "bench"
         project_dir.mkdir()
         (project_dir / "flow.yaml").write_text(yaml.safe_dump(FLOW))
-        (project_dir / "project.yaml").write_text(yaml.safe_dump({"name": "bench", "flow": "flow.yaml"}))
+        # Deep enough for 8 clients: the bench measures throughput, not the 503s of a full queue.
+        (project_dir / "project.yaml").write_text(yaml.safe_dump({"name": "bench", "flow": "flow.yaml",
+                                                                  "limits": {"queue_depth": 16}}))
         project = Project.load(project_dir)
         project.prepare()
         decoders = {
@@ -141,7 +143,7 @@ def main() -> None:
             ("JPEG body", "jpeg", "/analyze_image", lambda i: {"query": "", "body": jpeg_bytes}),
             ("shared memory", "bgr", "/analyze_image_shared_memory", shm_request),
         ]
-        server = start_server(project_dir, log_file=Path(tmp) / "server.log")
+        server = start_server(project_dir, log_file=Path(tmp) / "server.log", log_level="INFO")
         rows = []
         try:
             for clients in (1, 8):

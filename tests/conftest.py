@@ -66,11 +66,11 @@ class Server:
 
 
 def start_server(project: Path, *extra: str, log_file: Path | None = None, wait_ready: bool = True,
-                 env: dict[str, str] | None = None, timeout: float = 60) -> Server:
+                 env: dict[str, str] | None = None, timeout: float = 60, log_level: str = "DEBUG") -> Server:
     port = free_port()
     log_file = log_file or project / "server.log"
     command = [sys.executable, "-m", "appliance", "serve", str(project), "--host", "127.0.0.1", "--port", str(port),
-               "--log-file", str(log_file), "--log-level", "DEBUG", *extra]
+               "--log-file", str(log_file), "--log-level", log_level, *extra]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
                                env={**os.environ, **(env or {})}, text=True)
     server = Server(process, port, log_file, [])

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import itertools
 import logging
 import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -52,6 +52,9 @@ class ServerState:
 
 
 STATE = web.AppKey("state", ServerState)
+# Request ids: unique per process start, cheaper than uuid4 (a getrandom call) on every request.
+_REQUEST_PREFIX = f"{os.getpid():x}{int(time.time()) & 0xFFFFFF:x}"
+_request_numbers = itertools.count(1)
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -73,7 +76,7 @@ async def access_log(request: web.Request, handler: Callable[[web.Request], Awai
                      ) -> web.StreamResponse:
     """Outermost: request id, metrics and one log line per request, with secrets redacted (RELIABILITY 15)."""
     state = request.app[STATE]
-    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    request_id = request.headers.get("X-Request-Id", "")[:64] or f"{_REQUEST_PREFIX}-{next(_request_numbers):x}"
     started = time.perf_counter()
     response = await handler(request)
     duration = time.perf_counter() - started
@@ -81,12 +84,13 @@ async def access_log(request: web.Request, handler: Callable[[web.Request], Awai
     response.headers["X-Request-Id"] = request_id
     state.metrics.requests.labels(endpoint, str(response.status)).inc()
     state.metrics.request_duration.labels(endpoint).observe(duration)
-    peer = request.transport.get_extra_info("peername") if request.transport else None
     level = logging.DEBUG if response.status < 400 else logging.INFO
-    log.log(level, "%s %s %s", request.method, request.path, response.status, extra={
-        "request_id": request_id, "endpoint": endpoint, "status": response.status, "method": request.method,
-        "duration_ms": round(duration * 1000, 2), "peer": peer[0] if peer else None,
-        "query": redact_query(request.rel_url.raw_query_string)[:500], "project": state.project.name})
+    if log.isEnabledFor(level):
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        log.log(level, "%s %s %s", request.method, request.path, response.status, extra={
+            "request_id": request_id, "endpoint": endpoint, "status": response.status, "method": request.method,
+            "duration_ms": round(duration * 1000, 2), "peer": peer[0] if peer else None,
+            "query": redact_query(request.rel_url.raw_query_string)[:500], "project": state.project.name})
     return response
 
 
@@ -169,7 +173,10 @@ async def _process(request: web.Request, state: ServerState, work: Callable[[], 
     state.metrics.queue_depth.inc()
     try:
         try:
-            async with asyncio.timeout(limits.queue_timeout_s):
+            if state.semaphore.locked():
+                async with asyncio.timeout(limits.queue_timeout_s):
+                    await state.semaphore.acquire()
+            else:
                 await state.semaphore.acquire()
         except TimeoutError:
             state.metrics.rejected.labels("deadline").inc()
