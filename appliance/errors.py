@@ -51,6 +51,16 @@ class ServiceUnavailable(ApplianceError):
     status = 503
 
 
+class ClientGone(ApplianceError):
+    """The client closed its connection; nobody reads the answer, only the metrics and a DEBUG line see it."""
+
+    status = 400
+
+    def __init__(self, phase: str):
+        super().__init__(f"client disconnected during {phase}")
+        self.phase = phase
+
+
 class ConfigError(Exception):
     """A project, flow or profile that cannot be served; carries every problem found, not only the first."""
 

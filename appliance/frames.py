@@ -226,7 +226,8 @@ def read_shared_memory(name: str, width: int, height: int, *, color: ColorMode =
     if not _SHM_NAME.fullmatch(bare) or bare in (".", ".."):
         raise BadRequest("invalid shared memory name")
     try:
-        fd = os.open(os.path.join(shm_dir, bare), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO planted under the name would otherwise wait for a writer forever.
+        fd = os.open(os.path.join(shm_dir, bare), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as error:
         if error.errno == errno.ENOENT:
             raise BadRequest(f"shared memory segment '{bare}' not found") from None

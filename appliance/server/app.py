@@ -17,7 +17,15 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from appliance import frames
-from appliance.errors import ApplianceError, BadRequest, Forbidden, PayloadTooLarge, ServiceUnavailable, Unauthorized
+from appliance.errors import (
+    ApplianceError,
+    BadRequest,
+    ClientGone,
+    Forbidden,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unauthorized,
+)
 from appliance.project import Project
 from appliance.server import params
 from appliance.server.answer import Answer, build_answer
@@ -100,6 +108,10 @@ async def errors(request: web.Request, handler: Callable[[web.Request], Awaitabl
     """Every failure becomes {"status", "message", "data": null} with the same HTTP status."""
     try:
         return await handler(request)
+    except ClientGone as gone:
+        request.app[STATE].metrics.client_disconnects.labels(gone.phase).inc()
+        log.debug("client %s", gone.message)
+        return error_response(gone.status, gone.message)
     except ApplianceError as error:
         if isinstance(error, Unauthorized):
             request.app[STATE].metrics.auth_failures.inc()
@@ -119,7 +131,7 @@ async def errors(request: web.Request, handler: Callable[[web.Request], Awaitabl
             limit = request.app[STATE].project.config.limits.body_bytes
             return error_response(413, f"body exceeds max_body_bytes {limit}", CLOSE)
         return error_response(error.status, error.reason)
-    except (ConnectionResetError, asyncio.CancelledError):
+    except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unexpected error on %s", request.path[:200])
@@ -139,8 +151,8 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     return None
 
 
-def _is_loopback(request: web.Request) -> bool:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
+def is_loopback(peer: tuple | None) -> bool:
+    """From the socket's own peer address, never from headers such as X-Forwarded-For (RELIABILITY 6.1)."""
     if not peer:
         return False
     try:
@@ -187,8 +199,7 @@ async def _process(request: web.Request, state: ServerState, work: Callable[[], 
         state.metrics.queue_depth.dec()
     try:
         if request.transport is None or request.transport.is_closing():
-            state.metrics.client_disconnects.labels("queued").inc()
-            raise ConnectionResetError("client left while queued")
+            raise ClientGone("queued")
         state.in_flight += 1
         state.metrics.in_flight.inc()
         try:
@@ -196,6 +207,8 @@ async def _process(request: web.Request, state: ServerState, work: Callable[[], 
         finally:
             state.in_flight -= 1
             state.metrics.in_flight.dec()
+        if request.transport is None or request.transport.is_closing():
+            raise ClientGone("inference")
     finally:
         state.semaphore.release()
     return web.Response(body=answer.body, content_type=answer.content_type, headers=answer.headers)
@@ -271,7 +284,7 @@ async def analyze_raw_image(request: web.Request) -> web.Response:
 async def analyze_shared_memory(request: web.Request) -> web.Response:
     started = time.perf_counter()
     state, raw_query, query = _begin(request)
-    if not _is_loopback(request):
+    if not is_loopback(request.transport.get_extra_info("peername") if request.transport else None):
         raise Forbidden("shared memory is only available to clients on this machine")
     width, height = _frame_size(raw_query, state)
     name = raw_query.get("name")

@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 
 from appliance.config.project import Limits
-from appliance.errors import ApplianceError, BadRequest, PayloadTooLarge
+from appliance.errors import ApplianceError, BadRequest, ClientGone, PayloadTooLarge
 
 CLOSE = {"Connection": "close"}
 
@@ -32,7 +32,7 @@ async def _read_declared(request: web.Request, size: int) -> bytearray:
     while filled < size:
         chunk = await content.readany()
         if not chunk:
-            raise ConnectionResetError(f"client sent {filled} of {size} body bytes")
+            raise ClientGone("upload")
         end = filled + len(chunk)
         if end > size:
             raise BadRequest(f"body is longer than its Content-Length {size}")
@@ -54,6 +54,8 @@ async def read_body(request: web.Request, limits: Limits) -> bytes | bytearray:
     except web.HTTPRequestEntityTooLarge:
         # A chunked upload that grew past client_max_size (= max_body_bytes), 2.2.
         raise too_large(limits.body_bytes + 1, limits.body_bytes) from None
+    except ConnectionResetError:
+        raise ClientGone("upload") from None
 
 
 async def read_multipart_file(request: web.Request, limits: Limits) -> bytes:

