@@ -23,6 +23,7 @@ import numpy as np
 from appliance.errors import BadRequest, Forbidden, PayloadTooLarge, UnsupportedMediaType
 
 ColorMode = Literal["bgr", "gray"]
+Bytes = bytes | bytearray | memoryview
 SUPPORTED = "JPEG, PNG, BMP, TIFF, WebP"
 MULTI_FRAME_WARNING = "multi-frame image: only frame 1 analysed"
 # OpenCV names Bayer patterns after the second row: for an RGGB sensor (red top-left), the right code is
@@ -46,7 +47,7 @@ def to_color_mode(image: np.ndarray, color: ColorMode) -> np.ndarray:
     return image
 
 
-def sniff_image_format(data: bytes | memoryview) -> str | None:
+def sniff_image_format(data: Bytes) -> str | None:
     head = bytes(data[:16])
     if head.startswith(b"\xff\xd8\xff"):
         return "jpeg"
@@ -61,7 +62,7 @@ def sniff_image_format(data: bytes | memoryview) -> str | None:
     return None
 
 
-def _jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
+def _jpeg_size(data: Bytes) -> tuple[int, int] | None:
     position = 2
     while position + 4 <= len(data):
         if data[position] != 0xFF:
@@ -86,7 +87,7 @@ def _jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
     return None
 
 
-def _tiff_size(data: bytes | memoryview) -> tuple[int, int] | None:
+def _tiff_size(data: Bytes) -> tuple[int, int] | None:
     order = "<" if bytes(data[:2]) == b"II" else ">"
     (ifd,) = struct.unpack_from(order + "I", data, 4)
     (count,) = struct.unpack_from(order + "H", data, ifd)
@@ -98,7 +99,7 @@ def _tiff_size(data: bytes | memoryview) -> tuple[int, int] | None:
     return (found[256], found[257]) if 256 in found and 257 in found else None
 
 
-def _webp_size(data: bytes | memoryview) -> tuple[int, int] | None:
+def _webp_size(data: Bytes) -> tuple[int, int] | None:
     chunk = bytes(data[12:16])
     if chunk == b"VP8X":
         w = int.from_bytes(bytes(data[24:27]), "little") + 1
@@ -113,7 +114,7 @@ def _webp_size(data: bytes | memoryview) -> tuple[int, int] | None:
     return None
 
 
-def image_dimensions(data: bytes | memoryview, fmt: str) -> tuple[int, int] | None:
+def image_dimensions(data: Bytes, fmt: str) -> tuple[int, int] | None:
     """(width, height) from the header alone, or None when the header cannot be read."""
     try:
         if fmt == "png":
@@ -139,7 +140,7 @@ def _imcount_from_buffer(buffer: np.ndarray) -> int:
     return len(pages) if ok else 1
 
 
-def decode_image(data: bytes | memoryview, *, max_frame_pixels: int, color: ColorMode = "bgr") -> Frame:
+def decode_image(data: Bytes, *, max_frame_pixels: int, color: ColorMode = "bgr") -> Frame:
     if len(data) == 0:
         raise BadRequest("request body is empty; send a JPEG/PNG image")
     fmt = sniff_image_format(data)
@@ -181,7 +182,7 @@ def _size_message(prefix: str, length: int, width: int, height: int) -> str:
             f"or {width * height * 3} (BGR)")
 
 
-def _pixels(buffer: bytes | memoryview | np.ndarray, width: int, height: int, source: str, color: ColorMode,
+def _pixels(buffer: Bytes | np.ndarray, width: int, height: int, source: str, color: ColorMode,
             what: str) -> Frame:
     flat = np.frombuffer(buffer, np.uint8) if not isinstance(buffer, np.ndarray) else buffer
     pixels = width * height
@@ -205,7 +206,7 @@ def demosaic_rggb(mosaic: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(mosaic, _BAYER_RGGB_TO_BGR)
 
 
-def raw_frame(body: bytes | memoryview, width: int, height: int, *, bayer: bool, color: ColorMode = "bgr") -> Frame:
+def raw_frame(body: Bytes, width: int, height: int, *, bayer: bool, color: ColorMode = "bgr") -> Frame:
     if len(body) == 0:
         raise BadRequest("request body is empty; send raw BGR/gray bytes")
     if bayer:

