@@ -68,7 +68,11 @@ def load_project_files(project_dir: Path) -> ProjectFiles:
                 for p in profile_problems)))
     flow = None
     flow_path = project_dir
-    if config is not None:
+    if config is not None and isinstance(config.flow, dict):
+        flow_path = project_path
+        flow, flow_problems = validate_flow(doc.part(("flow",)))
+        problems += flow_problems
+    elif config is not None and isinstance(config.flow, str):
         flow_path = (project_dir / config.flow).resolve()
         flow_doc = load_yaml(flow_path, _display(flow_path))
         if flow_doc.problems:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
@@ -59,7 +59,8 @@ class ProjectConfig(StrictModel):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    flow: str = Field(min_length=1, description="path of the flow file, relative to the project folder")
+    flow: str | dict[str, Any] = Field(
+        description="path of the flow file, relative to the project folder, or the flow itself (a 'nodes' mapping)")
     api_key: str | KeyFromEnv | KeyFromFile | None = None
     firmware_profile: str = "cpu"
     color: Literal["bgr", "gray"] = "bgr"
@@ -67,8 +68,15 @@ class ProjectConfig(StrictModel):
     code: CodeSettings = CodeSettings()
     image_response: ImageResponse = ImageResponse()
     # PEKAT clients use shared memory only when /version >= 3.18.0 (PROTOCOL.md 6); containers without
-    # --ipc=host must answer lower so the client falls back to raw bodies.
-    version_reply: str = "3.18.0"
+    # --ipc=host must answer lower so the client falls back to raw bodies. Default: 3.18.0+appliance.<ours>.
+    version_reply: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)*(\+[A-Za-z0-9.]+)?$")
+
+    @field_validator("flow")
+    @classmethod
+    def _flow_named(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("flow is empty; give the path of a flow file or the flow itself")
+        return value
 
     @field_validator("api_key")
     @classmethod

@@ -48,6 +48,8 @@ class YamlDocument:
     key_marks: dict[Path_, tuple[int, int]] = field(default_factory=dict)
     value_marks: dict[Path_, tuple[int, int]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    # Set on a part of a larger file (an inline flow in project.yaml): paths are shown from the file's root.
+    prefix: Path_ = ()
 
     def problem(self, path: Path_, message: str, *, at_key: bool = False) -> Problem:
         """A problem located at the key (for unknown keys) or at the value (everything else) of `path`."""
@@ -56,7 +58,19 @@ class YamlDocument:
         while probe not in marks and probe:
             probe = probe[:-1]
         line, column = marks.get(probe, (0, 0))
-        return Problem(self.file, line, column, format_path(path), message)
+        return Problem(self.file, line, column, format_path((*self.prefix, *path)), message)
+
+    def part(self, prefix: Path_) -> YamlDocument:
+        """The document below `prefix`, keeping the places of its keys in this file."""
+        data = self.data
+        for key in prefix:
+            data = data[key]
+
+        def below(marks: dict[Path_, tuple[int, int]]) -> dict[Path_, tuple[int, int]]:
+            return {path[len(prefix):]: mark for path, mark in marks.items() if path[:len(prefix)] == prefix}
+
+        return YamlDocument(self.file, data, below(self.key_marks), below(self.value_marks), [],
+                            (*self.prefix, *prefix))
 
 
 def _walk(node: yaml.Node, path: Path_, doc: YamlDocument, loader: yaml.SafeLoader) -> Any:
@@ -106,37 +120,76 @@ def parse_yaml(text: str, name: str) -> YamlDocument:
     return doc
 
 
-def _model_at(model: Any, loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model that owns the field at `loc`, for 'did you mean' suggestions."""
-    current: Any = model
-    for part in loc:
-        current = _unwrap(current)
-        if isinstance(current, type) and issubclass(current, BaseModel):
-            info = current.model_fields.get(part) if isinstance(part, str) else None
-            if info is None:
-                return None
-            current = info.annotation
-        elif typing.get_origin(current) in (list, tuple):
-            current = typing.get_args(current)[0]
-        elif typing.get_origin(current) is dict:
-            current = typing.get_args(current)[1]
-        else:
-            return None
-    current = _unwrap(current)
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
-
-
-def _unwrap(annotation: Any) -> Any:
-    """Optional[X] / Annotated[X, ...] / X | str -> the first pydantic model or container inside."""
+def _candidates(annotation: Any) -> list[Any]:
+    """The alternatives of an annotation: X | Y, Optional[X], Annotated[X, ...] -> [X, Y]."""
     origin = typing.get_origin(annotation)
     if origin is typing.Annotated:
-        return _unwrap(typing.get_args(annotation)[0])
+        return _candidates(typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            inner = _unwrap(arg)
-            if (isinstance(inner, type) and issubclass(inner, BaseModel)) or typing.get_origin(inner) in (list, dict):
-                return inner
-    return annotation
+        return [c for arg in typing.get_args(annotation) for c in _candidates(arg)]
+    return [annotation]
+
+
+def _is_model(value: Any) -> bool:
+    return isinstance(value, type) and issubclass(value, BaseModel)
+
+
+def _tag_of(model: type[BaseModel]) -> set[Any]:
+    """Values of the model's Literal fields: pydantic puts the chosen one in the error location of a union."""
+    tags: set[Any] = set()
+    for info in model.model_fields.values():
+        if typing.get_origin(info.annotation) is typing.Literal:
+            tags.update(typing.get_args(info.annotation))
+    return tags
+
+
+def _model_at(model: Any, loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `loc`, for 'did you mean' suggestions."""
+    options: list[Any] = [model]
+    for part in loc:
+        next_options: list[Any] = []
+        for option in options:
+            for candidate in _candidates(option):
+                if _is_model(candidate):
+                    info = candidate.model_fields.get(part) if isinstance(part, str) else None
+                    if info is not None:
+                        next_options.append(info.annotation)
+                    elif part in _tag_of(candidate):
+                        next_options.append(candidate)
+                elif typing.get_origin(candidate) in (list, tuple) and isinstance(part, int):
+                    next_options.append(typing.get_args(candidate)[0])
+                elif typing.get_origin(candidate) is dict:
+                    next_options.append(typing.get_args(candidate)[1])
+        options = next_options
+    models = [c for option in options for c in _candidates(option) if _is_model(c)]
+    return models[0] if len(models) == 1 else None
+
+
+def _data_path(data: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The location as it stands in the YAML: without the union tags pydantic inserts."""
+    path: list[Any] = []
+    current = data
+    for index, part in enumerate(loc):
+        if isinstance(current, dict) and part in current:
+            current = current[part]
+        elif isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current):
+            current = current[part]
+        elif index < len(loc) - 1:
+            continue
+        path.append(part)
+    return tuple(path)
+
+
+def doc_data_at(doc: YamlDocument, prefix: Path_) -> Any:
+    data = doc.data
+    for key in prefix:
+        if isinstance(data, dict):
+            data = data.get(key)
+        elif isinstance(data, list) and isinstance(key, int) and 0 <= key < len(data):
+            data = data[key]
+        else:
+            return None
+    return data
 
 
 def validation_problems(doc: YamlDocument, error: ValidationError, model: type[BaseModel],
@@ -145,7 +198,7 @@ def validation_problems(doc: YamlDocument, error: ValidationError, model: type[B
     problems = []
     for item in error.errors(include_url=False):
         loc = tuple(item["loc"])
-        path = (*prefix, *loc)
+        path = (*prefix, *_data_path(doc_data_at(doc, prefix), loc))
         if item["type"] == "extra_forbidden":
             owner = _model_at(model, loc[:-1])
             message = "unknown key"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from appliance import frames
+from appliance import __version__, frames
 from appliance.errors import (
     ApplianceError,
     BadRequest,
@@ -312,8 +312,13 @@ async def ping(request: web.Request) -> web.Response:
     return web.Response(text="pong")
 
 
+# The PEKAT version whose API we speak; our own version rides in the PEP 440 local label, which the 2.3.3
+# client's packaging.version still reads as >= 3.18.0 (so it uses shared memory).
+PEKAT_VERSION = f"3.18.0+appliance.{__version__}"
+
+
 async def version(request: web.Request) -> web.Response:
-    return web.Response(text=request.app[STATE].project.config.version_reply)
+    return web.Response(text=request.app[STATE].project.config.version_reply or PEKAT_VERSION)
 
 
 async def health_live(request: web.Request) -> web.Response:

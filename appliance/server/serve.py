@@ -47,7 +47,9 @@ async def serve_project(project: Project, host: str, port: int, stop_key: str | 
             return EXIT_PORT_IN_USE
         raise
     _say("__SERVER_RUNNING__")
-    log.info("serving project %s on http://%s:%d", project.name, host, port)
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+    print(f"appliance: serving project {project.name} on {url}", file=sys.stderr, flush=True)
+    log.info("serving project %s on %s", project.name, url)
     loop = asyncio.get_running_loop()
     signals_seen = 0
 

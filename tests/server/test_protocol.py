@@ -36,7 +36,8 @@ def test_ping_version_and_health(demo_server, http):
     assert http.get(f"{demo_server.url}/ping").text == "pong"
     assert http.head(f"{demo_server.url}/ping").status_code == 200
     from packaging.version import Version
-    assert Version(http.get(f"{demo_server.url}/version").text) >= Version("3.18.0")
+    version = Version(http.get(f"{demo_server.url}/version").text)
+    assert version >= Version("3.18.0") and version.local.startswith("appliance.")
     assert http.get(f"{demo_server.url}/health/live").status_code == 200
     ready = http.get(f"{demo_server.url}/health/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"

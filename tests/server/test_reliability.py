@@ -513,3 +513,32 @@ def test_2_7_two_hundred_slow_uploads_do_not_slow_ping(keyed):
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_5_9_wrong_keys_are_counted_without_a_peer_label(keyed):
+    before = requests.get(f"{keyed.url}/metrics").text
+    for _ in range(3):
+        requests.post(f"{keyed.url}/analyze_image?api_key=nope", data=b"x")
+    after = requests.get(f"{keyed.url}/metrics").text
+
+    def count(text: str) -> float:
+        line = next(line for line in text.splitlines() if line.startswith("appliance_auth_failures_total "))
+        return float(line.split()[1])
+
+    assert count(after) - count(before) == 3
+    assert "127.0.0.1" not in after
+
+
+def test_7_3_stuck_hooks_turn_readiness_off(tmp_path, serve):
+    hook = "import time\ndef main(context):\n    time.sleep(30)\n"
+    project = write_project(tmp_path / "p", {"nodes": {"h": {"type": "code@1", "module": "stuck", "timeout_s": 0.2}}},
+                            hooks={"stuck": hook}, limits={"max_stuck_hooks": 2})
+    server = serve(project)
+    body = png(part_image(False, 32, 32))
+    first = requests.post(f"{server.url}/analyze_image", data=body).json()
+    assert first["result"] is False and first["errors"][0]["message"] == "hook exceeded 0.2 s"
+    assert requests.get(f"{server.url}/health/ready").status_code == 200
+    requests.post(f"{server.url}/analyze_image", data=body)
+    status, message = error_of(requests.get(f"{server.url}/health/ready"))
+    assert status == 503 and "2 Code hooks are stuck" in message
+    assert requests.get(f"{server.url}/ping").status_code == 200
