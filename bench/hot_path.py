@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from appliance import frames  # noqa: E402
 from appliance.context import to_json  # noqa: E402
 from appliance.project import Project  # noqa: E402
+from appliance.server import answer  # noqa: E402
 from tests.conftest import start_server  # noqa: E402
 
 WIDTH, HEIGHT = 1920, 1080
@@ -136,6 +137,10 @@ def main() -> None:
             return {"query": f"?width={WIDTH}&height={HEIGHT}&name={blocks[index].name}"}
 
         paths = [
+            ("shared memory, image answer (PNG)", "bgr", "/analyze_image_shared_memory", lambda i: {
+                "query": shm_request(i)["query"] + "&response_type=image&context_in_body"}),
+            ("shared memory, image answer (JPEG)", "bgr", "/analyze_image_shared_memory", lambda i: {
+                "query": shm_request(i)["query"] + "&response_type=image&image_format=jpeg&context_in_body"}),
             ("raw BGR body", "bgr", "/analyze_raw_image", lambda i: {"query": f"?width={WIDTH}&height={HEIGHT}",
                                                                      "body": bgr_bytes}),
             ("Bayer RG8 body", "bayer", "/analyze_raw_image",
@@ -161,6 +166,18 @@ def main() -> None:
                 block.unlink()
             project.close()
 
+    print("\nEncoding a 1920x1080 answer image in-process (median of 15):\n")
+    print("| encoder | ms | bytes |")
+    print("|---|---|---|")
+    for name, ext, params in (("PNG, OpenCV default", ".png", []), ("PNG, as served (level 0, no filter)", ".png",
+                                                                      answer._PNG_FAST),
+                              ("JPEG quality 90", ".jpg", [cv2.IMWRITE_JPEG_QUALITY, 90])):
+        times, size = [], 0
+        for _ in range(15):
+            started = time.perf_counter()
+            size = len(cv2.imencode(ext, frame, params)[1])
+            times.append(time.perf_counter() - started)
+        print(f"| {name} | {statistics.median(times) * 1000:.1f} | {size} |")
     print(f"\nHot path, 1920x1080 frames, flow crop + evaluate, {args.seconds:g} s per row, "
           f"client and server on the same {__import__('os').cpu_count()} cores\n")
     print("| path | clients | req/s | p50 ms | p99 ms | in-process p50 ms | overhead p50 ms | throughput ratio |")
