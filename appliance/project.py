@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +19,7 @@ from appliance.flow.graph import FlowGraph, compile_flow
 from appliance.flow.runner import FlowRunner
 from appliance.nodes.base import NodeEnvironment
 from appliance.runtime.devices import place
+from appliance.runtime.models import Runtime, RuntimeOptions, default_cache_dir
 
 if TYPE_CHECKING:
     from appliance.frames import Frame
@@ -37,7 +37,8 @@ class Project:
         self.runner = FlowRunner(graph)
         self.ready_nodes = 0
         self.flow_sha256 = hashlib.sha256(files.flow_path.read_bytes()).hexdigest()
-        self.device = place(files.profile).device
+        assert env.runtime is not None
+        self.runtime = env.runtime
 
     @classmethod
     def load(cls, project_dir: Path, *, code_allowed: bool = True) -> Project:
@@ -49,7 +50,14 @@ class Project:
             raise DeviceUnavailable([str(files.profile_problem)])
         if placement.device != files.profile.device:
             log.warning(placement.reason)
-        env = NodeEnvironment(project_dir=files.directory, config=files.config, code_allowed=code_allowed)
+        config = files.config
+        cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir(files.directory)
+        runtime = Runtime(files.directory / config.models_dir,
+                          RuntimeOptions.from_profile(files.profile, placement.device or "CPU",
+                                                      cache_dir if cache_dir.is_absolute()
+                                                      else files.directory / cache_dir))
+        env = NodeEnvironment(project_dir=files.directory, config=config, code_allowed=code_allowed,
+                              runtime=runtime)
         graph, problems = compile_flow(files.flow, env)
         if graph is None:
             raise ConfigError(sorted_problems(problems))
@@ -63,8 +71,8 @@ class Project:
     def node_count(self) -> int:
         return len(self.graph.nodes)
 
-    def prepare(self, workers: ThreadPoolExecutor | None = None) -> None:
-        """Load hooks and compile models, in threads; the project is ready when every node is."""
+    def prepare(self) -> None:
+        """Load hooks and compile models (in a worker thread); the project is ready when every node is."""
         for node in self.graph.nodes.values():
             node.prepare()
             self.ready_nodes += 1

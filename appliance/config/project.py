@@ -63,6 +63,9 @@ class ProjectConfig(StrictModel):
         description="path of the flow file, relative to the project folder, or the flow itself (a 'nodes' mapping)")
     api_key: str | KeyFromEnv | KeyFromFile | None = None
     firmware_profile: str = "cpu"
+    models_dir: str = Field("models", description="the project's model store, relative to the project folder")
+    # OpenVINO's compiled-model cache; default: systemd's CacheDirectory, else <project>/.cache/openvino.
+    cache_dir: str | None = None
     color: Literal["bgr", "gray"] = "bgr"
     limits: Limits = Limits()
     code: CodeSettings = CodeSettings()

@@ -19,13 +19,14 @@ from appliance.nodes.code import HookFailed
 
 log = logging.getLogger(__name__)
 
-_CONCATENATED = ("detectedRectangles", "heatmaps", "errors", "evaluation", "warnings")
+_CONCATENATED = ("detectedRectangles", "heatmaps", "errors", "evaluation", "warnings", "models")
 _TEXTS = ("stdout", "stderr")
 # Keys that every context has: merged by rule above, never dropped as "custom".
 _STANDARD = frozenset({
     "result", "processing", "error", "errors", "imageShape", "processingTime", "completeTime", "save", "data",
     "production_mode", "operatorInput", "globalData", "stdout", "stderr", "surfaceClasses", "angle", "lines",
     "detectedRectangles", "image", "heatmaps", "exit", "items", "evaluation", "warnings", "score", "threshold",
+    "models",
 })
 
 

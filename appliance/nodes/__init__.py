@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from appliance.nodes.anomaly import Anomaly
 from appliance.nodes.base import Node, type_tag
 from appliance.nodes.code import Code
 from appliance.nodes.color import Color
@@ -23,5 +24,6 @@ NODE_TYPES: dict[str, type[Node]] = {
         Mask,
         Code,
         Evaluate,
+        Anomaly,
     )
 }

@@ -9,10 +9,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
-    from concurrent.futures import Executor
-
     from appliance.config.project import ProjectConfig
     from appliance.context import Context
+    from appliance.runtime.models import Runtime
 
 
 class NodeSettings(BaseModel):
@@ -32,8 +31,7 @@ class NodeEnvironment:
     project_dir: Path
     config: ProjectConfig
     code_allowed: bool = True
-    hook_executor: Executor | None = None
-    stuck_hooks: Any = None
+    runtime: Runtime | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 

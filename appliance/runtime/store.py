@@ -93,3 +93,29 @@ def read_current(model_dir: Path) -> str | None:
         return None
 
 
+
+
+NETWORK_FILES = ("model.xml", "model.onnx", "model.tflite")
+
+
+def network_file(version_dir: Path) -> Path:
+    """The network of a version: OpenVINO IR, ONNX or TFLite, in that order of preference."""
+    for name in NETWORK_FILES:
+        if (version_dir / name).is_file():
+            return version_dir / name
+    raise StoreError(f"{version_dir}: no network file ({', '.join(NETWORK_FILES)})")
+
+
+def resolve_version(store: Path, name: str, version: str | None = None) -> Path:
+    """The verified folder of `name`'s current (or given) version; raises StoreError saying what is wrong."""
+    model_dir = store / name
+    if version is None:
+        version = read_current(model_dir)
+        if version is None:
+            raise StoreError(f"model '{name}': {model_dir / 'current'} not found (train or install a version)")
+    version_dir = model_dir / version
+    if not version_dir.is_dir():
+        raise StoreError(f"model '{name}' version {version}: {version_dir} not found")
+    verify_manifest(version_dir)
+    network_file(version_dir)
+    return version_dir

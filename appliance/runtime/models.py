@@ -1,0 +1,208 @@
+"""Loaded models: compiled once per version on the profile's device, inferred from worker threads, swapped
+between versions without a gap (RELIABILITY 12).
+
+Nodes hold a `ModelSlot` and read `slot.current` once per frame, so a request that started on one version
+finishes on it while a new version is compiled beside it and then put in place with one assignment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+from openvino.preprocess import ColorFormat, PrePostProcessor
+
+from appliance.config.profile import FirmwareProfile
+from appliance.runtime.devices import core
+from appliance.runtime.spec import ModelSpec, read_spec
+from appliance.runtime.store import StoreError, network_file, read_current, resolve_version
+
+log = logging.getLogger(__name__)
+
+
+def usable_cache_dir(path: Path | None) -> Path | None:
+    """OpenVINO silently skips a read-only cache (RELIABILITY 11.5): check by writing, and say so."""
+    if path is None:
+        return None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError:
+        log.warning("model cache disabled: %s not writable", path)
+        return None
+    return path
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    device: str
+    properties: dict[str, Any] = field(default_factory=dict)
+    cache_dir: Path | None = None
+
+    @classmethod
+    def from_profile(cls, profile: FirmwareProfile, device: str, cache_dir: Path | None) -> RuntimeOptions:
+        return cls(device, dict(profile.properties), usable_cache_dir(cache_dir) if profile.cache else None)
+
+
+def _adapt_input(model: ov.Model, spec: ModelSpec) -> ov.Model:
+    """Make every model take what frames are: u8 NHWC BGR at the spec's size, with a static shape."""
+    height, width = spec.input.size
+    layout = spec.input.layout
+    shape = [1, height, width, 3] if layout == "NHWC" else [1, 3, height, width]
+    model.reshape({model.inputs[0].get_any_name(): shape} if model.inputs[0].get_names() else {0: shape})
+    wanted = spec.input
+    if wanted.element_type == "u8" and layout == "NHWC" and wanted.colour_order == "BGR":
+        return model
+    ppp = PrePostProcessor(model)
+    tensor = ppp.input().tensor()
+    tensor.set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC")).set_color_format(ColorFormat.BGR)
+    ppp.input().model().set_layout(ov.Layout(layout))
+    steps = ppp.input().preprocess()
+    if wanted.colour_order == "RGB":
+        steps.convert_color(ColorFormat.RGB)
+    steps.convert_element_type(ov.Type.f32 if wanted.element_type == "f32" else ov.Type.u8)
+    if wanted.element_type == "f32":
+        if wanted.scale != 1.0:
+            steps.scale(1.0 / wanted.scale)
+        if wanted.mean is not None:
+            steps.mean(list(wanted.mean))
+        if wanted.std is not None:
+            steps.scale(list(wanted.std))
+    return ppp.build()
+
+
+class LoadedModel:
+    """One compiled version with its pool of infer requests (as many as the device runs best at once)."""
+
+    def __init__(self, name: str, version_dir: Path, options: RuntimeOptions):
+        started = time.perf_counter()
+        self.name = name
+        self.version = version_dir.name
+        self.spec = read_spec(version_dir)
+        self.device = options.device
+        config = dict(options.properties)
+        if options.cache_dir is not None:
+            config["CACHE_DIR"] = str(options.cache_dir)
+        try:
+            network = core().read_model(str(network_file(version_dir)))
+            network = _adapt_input(network, self.spec)
+            self.compiled = core().compile_model(network, options.device, config)
+        except RuntimeError as error:
+            # OpenVINO's messages run over many lines; the first useful one is enough for a start-up log.
+            reason = next((line for line in str(error).splitlines() if line.strip()), "unknown error")[:300]
+            raise StoreError(f"model '{name}' version {self.version}: cannot compile on {options.device}: "
+                             f"{reason}") from None
+        self.output_names = [output.get_any_name() for output in self.compiled.outputs]
+        slots = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self.slots = max(1, slots)
+        self._idle: queue.SimpleQueue[ov.InferRequest] = queue.SimpleQueue()
+        for _ in range(self.slots):
+            self._idle.put(self.compiled.create_infer_request())
+        try:
+            self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        except RuntimeError:
+            self.precision = "unknown"
+        try:
+            self.execution_devices = list(self.compiled.get_property("EXECUTION_DEVICES"))
+        except RuntimeError:
+            self.execution_devices = [options.device]
+        height, width = self.spec.input.size
+        self.input_size = (height, width)
+        self.warm_up()
+        self.load_seconds = time.perf_counter() - started
+
+    def warm_up(self) -> None:
+        height, width = self.input_size
+        self.infer(np.zeros((1, height, width, 3), np.uint8))
+
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Blocking inference of a 1xHxWx3 u8 BGR batch, from a worker thread; OpenVINO releases the GIL."""
+        request = self._idle.get()
+        try:
+            request.infer({0: batch})
+            return {name: request.get_output_tensor(index).data.copy()
+                    for index, name in enumerate(self.output_names)}
+        finally:
+            self._idle.put(request)
+
+
+class ModelSlot:
+    """The current version of one named model, and the switch to another version."""
+
+    def __init__(self, store: Path, name: str, options: RuntimeOptions):
+        self.store, self.name, self.options = store, name, options
+        self.current: LoadedModel | None = None
+        self.failed_version: str | None = None
+        self._switching = threading.Lock()
+
+    def load(self) -> LoadedModel:
+        self.current = LoadedModel(self.name, resolve_version(self.store, self.name), self.options)
+        log.info("model %s: version %s on %s (%s) ready in %.2f s", self.name, self.current.version,
+                 self.options.device, self.current.precision, self.current.load_seconds)
+        return self.current
+
+    def switch(self, version: str | None = None) -> LoadedModel:
+        """Compile `version` (default: what `current` points at) beside the running one, then swap."""
+        with self._switching:
+            old = self.current
+            try:
+                new = LoadedModel(self.name, resolve_version(self.store, self.name, version), self.options)
+            except StoreError:
+                self.failed_version = version or read_current(self.store / self.name)
+                raise
+            self.current = new
+            self.failed_version = None
+            log.info("model %s: %s -> %s (compiled in %.2f s)", self.name, old.version if old else "none",
+                     new.version, new.load_seconds)
+            return new
+
+    def pointer_moved(self) -> bool:
+        wanted = read_current(self.store / self.name)
+        return (wanted is not None and self.current is not None and wanted != self.current.version
+                and wanted != self.failed_version)
+
+
+class Runtime:
+    """The models of one project: loaded once each, on the device its firmware profile resolved to."""
+
+    def __init__(self, store: Path, options: RuntimeOptions):
+        self.store = store
+        self.options = options
+        self.slots: dict[str, ModelSlot] = {}
+        self._lock = threading.Lock()
+
+    def slot(self, name: str, device: str | None = None) -> ModelSlot:
+        key = f"{name}@{device}" if device else name
+        with self._lock:
+            if key not in self.slots:
+                options = self.options if device is None else RuntimeOptions(device, {}, self.options.cache_dir)
+                self.slots[key] = ModelSlot(self.store, name, options)
+            return self.slots[key]
+
+    def refresh(self) -> list[str]:
+        """Swap every model whose `current` pointer moved (polled by the server); returns what changed."""
+        changed = []
+        for slot in list(self.slots.values()):
+            if slot.pointer_moved():
+                try:
+                    new = slot.switch()
+                    changed.append(f"{slot.name} {new.version}")
+                except StoreError as error:
+                    log.error("model %s: new version not loaded, the old one keeps serving: %s", slot.name, error)
+        return changed
+
+
+def default_cache_dir(project_dir: Path) -> Path:
+    """systemd's CacheDirectory= (CACHE_DIRECTORY), else the project's own .cache folder."""
+    from_systemd = os.environ.get("CACHE_DIRECTORY")
+    return Path(from_systemd.split(":")[0]) / "openvino" if from_systemd else project_dir / ".cache" / "openvino"

@@ -1,0 +1,110 @@
+"""anomaly@1 on a model of the same inputs and outputs as anomalib's OpenVINO export, built here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import openvino as ov
+import pytest
+import requests
+import yaml
+from openvino import opset13 as ops
+
+from appliance.runtime.store import switch_current, write_manifest
+from tests.conftest import write_project
+
+
+def save_red_detector(store: Path, version: str = "1", threshold: float = 0.5) -> None:
+    """An 'anomalib-like' model: f32 NCHW RGB in [0, 1]; anomaly_map = the red channel; pred_score = its max.
+
+    Reading the red channel makes a swapped colour order or a missing scale fail the tests.
+    """
+    image = ops.parameter([1, 3, 64, 64], ov.Type.f32, name="input")
+    red = ops.slice(image, ops.constant(np.array([0])), ops.constant(np.array([1])), ops.constant(np.array([1])),
+                    ops.constant(np.array([1])))
+    anomaly_map = ops.multiply(red, ops.constant(np.float32(1.0)), name="anomaly_map")
+    anomaly_map.output(0).set_names({"anomaly_map"})
+    score = ops.reshape(ops.reduce_max(anomaly_map, ops.constant(np.array([1, 2, 3])), keep_dims=False),
+                        ops.constant(np.array([1])), special_zero=False, name="pred_score")
+    score.output(0).set_names({"pred_score"})
+    model = ov.Model([score, anomaly_map], [image], "red_detector")
+    version_dir = store / "red" / version
+    version_dir.mkdir(parents=True)
+    ov.save_model(model, version_dir / "model.xml")
+    spec = {"task": "anomaly", "input": {"name": "input", "size": [64, 64], "element_type": "f32", "layout": "NCHW",
+                                         "colour_order": "RGB", "scale": 1 / 255},
+            "outputs": {"score": "pred_score", "map": "anomaly_map"}, "threshold": threshold,
+            "pixel_threshold": threshold}
+    (version_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    write_manifest(version_dir)
+    switch_current(store / "red", version)
+
+
+FLOW = {"nodes": {
+    "roi": {"type": "crop@1", "x": 100, "y": 50, "width": 320, "height": 320, "next": ["anomaly"]},
+    "anomaly": {"type": "anomaly@1", "model": "red", "min_area": 100, "next": ["verdict"]},
+    "verdict": {"type": "evaluate@1", "rules": [{"rule": "score_below"}]},
+}}
+
+
+def frame(colour: tuple[int, int, int]) -> bytes:
+    image = np.zeros((480, 640, 3), np.uint8)
+    image[130:210, 180:260] = colour  # an 80x80 square inside the ROI, at (180, 130) in the frame
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+@pytest.fixture(scope="module")
+def red_server(tmp_path_factory):
+    from tests.conftest import start_server
+
+    project = write_project(tmp_path_factory.mktemp("anomaly") / "p", FLOW)
+    save_red_detector(project / "models")
+    server = start_server(project)
+    yield server
+    server.stop()
+
+
+def test_anomalous_region_becomes_a_rectangle_in_frame_pixels(red_server):
+    ctx = requests.post(f"{red_server.url}/analyze_image", data=frame((0, 0, 255))).json()
+    assert ctx["result"] is False
+    assert ctx["score"] == pytest.approx(1.0, abs=0.01) and ctx["threshold"] == 0.5
+    (rect,) = ctx["detectedRectangles"]
+    assert rect["source"]["type"] == "UNSUPERVISED" and rect["classNames"][0]["label"] == "anomaly"
+    # The square is at x 180..260, y 130..210; the map is 64x64 for a 320x320 ROI, so 5 px per map pixel.
+    assert abs(rect["x"] - 180) <= 6 and abs(rect["y"] - 130) <= 6
+    assert abs(rect["width"] - 80) <= 11 and abs(rect["height"] - 80) <= 11
+    assert ctx["models"] == [{"node": "anomaly", "model": "red", "version": "1", "device": "CPU"}]
+
+
+def test_a_blue_square_is_not_red_so_the_colour_order_is_right(red_server):
+    ctx = requests.post(f"{red_server.url}/analyze_image", data=frame((255, 0, 0))).json()
+    assert ctx["result"] is True and ctx["score"] < 0.01 and ctx["detectedRectangles"] == []
+
+
+def test_heatmap_answer_shows_the_region(red_server):
+    response = requests.post(f"{red_server.url}/analyze_image?response_type=heatmap&context_in_body",
+                             data=frame((0, 0, 255)))
+    length = int(response.headers["ImageLen"])
+    heat = cv2.imdecode(np.frombuffer(response.content[:length], np.uint8), cv2.IMREAD_COLOR)
+    assert json.loads(response.content[length:])["result"] is False
+    assert heat.shape == (320, 320, 3)
+    inside, outside = heat[120, 120].astype(int), heat[300, 300].astype(int)
+    # Jet colour map: the hottest value is dark red, the coldest dark blue.
+    assert inside[2] > 100 and inside[0] < 50, inside
+    assert outside[0] > 100 and outside[2] < 50, outside
+
+
+def test_missing_model_fails_check_with_a_hint(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    project = write_project(tmp_path / "p", FLOW)
+    result = subprocess.run([sys.executable, "-m", "appliance", "check", str(project)], capture_output=True,
+                            text=True, cwd=REPO)
+    assert result.returncode == 1
+    assert "nodes.anomaly.model: model 'red':" in result.stdout and "appliance train anomaly" in result.stdout
