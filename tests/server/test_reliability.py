@@ -413,7 +413,7 @@ def test_7_7_to_7_11_check_and_serve_report_every_problem_with_its_place(tmp_pat
         "nodes.a.widht: unknown key (did you mean 'width'?)",
         "nodes.a.next[0]: unknown node 'clasifier' (did you mean 'classifier'?)",
         "nodes.b.type: unknown node type 'crop@3'; known: crop@1, resize@1, rotate@1, flip@1, color@1, mask@1, "
-        "code@1, evaluate@1",
+        "code@1, evaluate@1, anomaly@1",
         "nodes.classifier.next: cycle classifier -> threshold -> classifier",
     ]
     assert flow_file[0].split(" ")[0].endswith("flow.yaml:7:5")
