@@ -122,6 +122,34 @@ def _devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace) -> int:
+    from appliance.project import Project
+    from appliance.runtime.store import StoreError, read_current, resolve_version, switch_current
+
+    try:
+        project = Project.load(Path(args.project_dir))
+    except ConfigError as error:
+        for problem in error.problems:
+            print(problem)
+        return 1
+    store = project.runtime.store
+    if args.action == "list":
+        for model_dir in sorted(p for p in store.glob("*") if p.is_dir() and not p.name.startswith((".", "_"))):
+            current = read_current(model_dir)
+            versions = sorted((p.name for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                              key=lambda v: (len(v), v))
+            print(f"{model_dir.name}: current {current}; versions {', '.join(versions) or 'none'}")
+        return 0
+    try:
+        resolve_version(store, args.model, args.version)
+    except StoreError as error:
+        print(error)
+        return 1
+    switch_current(store / args.model, args.version)
+    print(f"{args.model}: current -> {args.version} (a running server switches within 2 s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="Visual inspection appliance (PEKAT-compatible)")
     parser.add_argument("--version", action="version", version=f"appliance {__version__}")
@@ -142,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--disable-code", action="store_true")
 
     commands.add_parser("devices", help="list OpenVINO devices and which firmware profiles can run here")
+
+    models = commands.add_parser("models", help="list a project's models, or switch a model's current version")
+    model_actions = models.add_subparsers(dest="action", required=True)
+    listing = model_actions.add_parser("list")
+    listing.add_argument("project_dir")
+    switch = model_actions.add_parser("switch")
+    switch.add_argument("project_dir")
+    switch.add_argument("model")
+    switch.add_argument("version")
+
+    train = commands.add_parser("train", help="train a model on this machine", add_help=False)
+    train.add_argument("task", choices=["anomaly"])
+    train.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -163,4 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args, warnings)
     if args.command == "devices":
         return _devices(args)
+    if args.command == "models":
+        return _models(args)
+    if args.command == "train":
+        from appliance.training.anomaly import main as train_anomaly
+
+        return int(train_anomaly(args.rest) or 0)
     return _check(args)

@@ -109,7 +109,8 @@ class LoadedModel:
         for _ in range(self.slots):
             self._idle.put(self.compiled.create_infer_request())
         try:
-            self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+            hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+            self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         except RuntimeError:
             self.precision = "unknown"
         try:

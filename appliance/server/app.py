@@ -27,6 +27,7 @@ from appliance.errors import (
     Unauthorized,
 )
 from appliance.project import Project
+from appliance.runtime.store import StoreError, switch_current
 from appliance.server import params
 from appliance.server.answer import Answer, build_answer
 from appliance.server.auth import require_key
@@ -37,7 +38,7 @@ from appliance.telemetry.metrics import Metrics
 log = logging.getLogger("appliance.server")
 
 ENDPOINTS = ("/analyze_image", "/analyze_raw_image", "/analyze_image_shared_memory", "/ping", "/version",
-             "/health/live", "/health/ready", "/metrics", "/stop")
+             "/health/live", "/health/ready", "/metrics", "/stop", "/models/switch")
 
 
 @dataclass
@@ -359,6 +360,45 @@ async def stop(request: web.Request) -> web.Response:
     return web.json_response({"status": 200, "message": "stopping", "data": None})
 
 
+async def switch_model(request: web.Request) -> web.Response:
+    """POST /models/switch?model=NAME&version=V: load V beside the running version, swap, keep the pointer."""
+    state = request.app[STATE]
+    query = params.parse_query(request.rel_url.raw_query_string)
+    require_key(request, query, state.project.api_key)
+    name = params.text(query, "model")
+    version = params.text(query, "version")
+    slots = [slot for slot in state.project.runtime.slots.values() if slot.name == name]
+    if not slots:
+        known = ", ".join(sorted({slot.name for slot in state.project.runtime.slots.values()})) or "none"
+        raise BadRequest(f"model '{name}' is not used by this project's flow; models: {known}")
+    loop = asyncio.get_running_loop()
+    previous = slots[0].current.version if slots[0].current else None
+    try:
+        for slot in slots:
+            # Compiling takes seconds: a thread of its own, never a worker that frames are waiting for.
+            await loop.run_in_executor(None, slot.switch, version)
+    except StoreError as error:
+        state.metrics.model_load_failures.labels(name).inc()
+        log.error("model %s: version %s not loaded, the old one keeps serving: %s", name, version, error)
+        raise BadRequest(str(error)) from None
+    switch_current(state.project.runtime.store / name, version)
+    state.metrics.describe_models(state.project.runtime)
+    return web.json_response({"status": 200, "message": f"model {name}: {previous} -> {version}",
+                              "data": {"model": name, "version": version, "previous": previous}})
+
+
+async def _follow_model_pointers(app: web.Application) -> None:
+    """Notice `current` pointers moved by `appliance models switch` (or a deployment tool) every 2 s."""
+    state = app[STATE]
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(2)
+        if state.ready and not state.draining:
+            changed = await loop.run_in_executor(None, state.project.runtime.refresh)
+            if changed:
+                state.metrics.describe_models(state.project.runtime)
+
+
 def create_app(project: Project, *, stop_key: str | None = None, workers: int | None = None) -> web.Application:
     limits = project.config.limits
     slots = workers or max(1, os.cpu_count() or 1)
@@ -379,9 +419,12 @@ def create_app(project: Project, *, stop_key: str | None = None, workers: int | 
     app.router.add_get("/health/live", health_live)
     app.router.add_get("/health/ready", health_ready)
     app.router.add_get("/metrics", metrics)
+    app.router.add_post("/models/switch", switch_model)
 
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
+        follower = asyncio.create_task(_follow_model_pointers(app))
         yield
+        follower.cancel()
         app[STATE].workers.shutdown(wait=False, cancel_futures=True)
         project.close()
 

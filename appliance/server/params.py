@@ -19,7 +19,7 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 _DIMENSION = re.compile(r"[0-9]{1,5}")
 # Names this server reads: each may appear once (RELIABILITY 1.10). Others are ignored (1.11).
 KNOWN = ("response_type", "data", "context_in_body", "api_key", "width", "height", "bayer", "name", "key",
-         "image_format", "jpeg_quality")
+         "image_format", "jpeg_quality", "model", "version")
 
 
 def parse_query(raw_query: str) -> dict[str, bytes]:
@@ -52,6 +52,13 @@ class AnalyzeParams:
     context_in_body: bool
     image_format: str | None
     jpeg_quality: int | None
+
+
+def text(query: dict[str, bytes], name: str) -> str:
+    """A required text parameter."""
+    if name not in query or not query[name]:
+        raise BadRequest(f"missing query parameter '{name}'")
+    return _text(name, query[name])
 
 
 def flag(query: dict[str, bytes], name: str) -> bool:

@@ -12,6 +12,7 @@ import sys
 from aiohttp import web
 
 from appliance.project import Project
+from appliance.runtime.store import StoreError
 from appliance.server.app import STATE, create_app
 
 log = logging.getLogger("appliance.serve")
@@ -66,10 +67,17 @@ async def serve_project(project: Project, host: str, port: int, stop_key: str | 
         loop.add_signal_handler(sig, on_signal)
     try:
         await loop.run_in_executor(None, project.prepare)
+    except StoreError as error:
+        # A missing, corrupt or uncompilable model is a configuration problem: no restart loop (RELIABILITY 11.2).
+        print(str(error), file=sys.stderr, flush=True)
+        log.error("not serving: %s", error)
+        await runner.cleanup()
+        return EXIT_CONFIG
     except Exception:
         log.exception("preparing the flow's nodes failed")
         await runner.cleanup()
         return 1
+    state.metrics.describe_models(project.runtime)
     state.ready = True
     _say("STOP_INIT_MODEL")
     await state.stop_requested.wait()

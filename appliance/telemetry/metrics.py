@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from typing import Any
 
 import openvino
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -32,6 +33,10 @@ class Metrics:
                                      registry=r)
         self.client_disconnects = Counter("appliance_client_disconnects", "Clients gone before the answer",
                                           ["phase"], registry=r)
+        self.model_load_failures = Counter("appliance_model_load_failures", "Model versions that failed to load",
+                                           ["model"], registry=r)
+        self.model_info = Gauge("appliance_model_info", "Loaded model versions and where they run",
+                                ["model", "version", "device", "precision"], registry=r)
         Info("appliance_build", "Versions of this build", registry=r).info({
             "version": appliance.__version__,
             "openvino_version": openvino.__version__.split("-")[0],
@@ -39,3 +44,12 @@ class Metrics:
         })
         Info("appliance_project", "The project this process serves", registry=r).info({
             "project": project, "flow_sha256": flow_sha256})
+
+    def describe_models(self, runtime: Any) -> None:
+        """One appliance_model_info series per loaded model; the series of a replaced version goes away."""
+        self.model_info.clear()
+        for slot in runtime.slots.values():
+            if slot.current is not None:
+                loaded = slot.current
+                self.model_info.labels(loaded.name, loaded.version, ",".join(loaded.execution_devices),
+                                       loaded.precision).set(1)

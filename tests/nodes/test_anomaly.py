@@ -108,3 +108,93 @@ def test_missing_model_fails_check_with_a_hint(tmp_path):
                             text=True, cwd=REPO)
     assert result.returncode == 1
     assert "nodes.anomaly.model: model 'red':" in result.stdout and "appliance train anomaly" in result.stdout
+
+
+@pytest.fixture
+def two_versions(tmp_path, serve):
+    project = write_project(tmp_path / "p", FLOW, api_key="k")
+    save_red_detector(project / "models", "1", threshold=0.5)
+    save_red_detector(project / "models", "2", threshold=2.0)  # the red square no longer counts as NG
+    switch_current(project / "models" / "red", "1")
+    return project, serve(project)
+
+
+def test_switching_versions_over_http_while_frames_flow_loses_no_request(two_versions):
+    import concurrent.futures
+    import time
+
+    project, server = two_versions
+    body = frame((0, 0, 255))
+    headers = {"X-API-Key": "k"}
+
+    def send_for(seconds: float) -> list[tuple[int, str]]:
+        answers = []
+        deadline = time.monotonic() + seconds
+        with requests.Session() as session:
+            while time.monotonic() < deadline:
+                response = session.post(f"{server.url}/analyze_image", data=body, headers=headers)
+                answers.append((response.status_code, response.json().get("models", [{}])[0].get("version")))
+        return answers
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        senders = [pool.submit(send_for, 2.5) for _ in range(2)]
+        time.sleep(0.7)
+        switched = requests.post(f"{server.url}/models/switch?model=red&version=2", headers=headers)
+        answers = [a for sender in senders for a in sender.result()]
+    assert switched.json() == {"status": 200, "message": "model red: 1 -> 2",
+                               "data": {"model": "red", "version": "2", "previous": "1"}}
+    assert {status for status, _ in answers} == {200}
+    assert {version for _, version in answers} == {"1", "2"}
+    after = requests.post(f"{server.url}/analyze_image", data=body, headers=headers).json()
+    assert after["result"] is True and after["models"][0]["version"] == "2" and after["threshold"] == 2.0
+    assert (project / "models" / "red" / "current").read_text() == "2"
+    metrics = requests.get(f"{server.url}/metrics").text
+    assert 'appliance_model_info{device="CPU",model="red",precision="f32",version="2"} 1.0' in metrics
+    assert 'version="1"' not in metrics
+
+
+def test_a_version_that_cannot_load_leaves_the_old_one_serving(two_versions):
+    _, server = two_versions
+    headers = {"X-API-Key": "k"}
+    assert requests.post(f"{server.url}/models/switch?model=red&version=9").status_code == 401
+    failed = requests.post(f"{server.url}/models/switch?model=red&version=9", headers=headers)
+    assert failed.status_code == 400 and "version 9" in failed.json()["message"]
+    ctx = requests.post(f"{server.url}/analyze_image", data=frame((0, 0, 255)), headers=headers).json()
+    assert ctx["models"][0]["version"] == "1" and ctx["result"] is False
+    assert 'appliance_model_load_failures_total{model="red"} 1.0' in requests.get(f"{server.url}/metrics").text
+
+
+def test_the_server_follows_a_pointer_moved_by_the_cli(two_versions):
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    project, server = two_versions
+    done = subprocess.run([sys.executable, "-m", "appliance", "models", "switch", str(project), "red", "2"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    deadline = time.monotonic() + 8
+    version = None
+    while time.monotonic() < deadline and version != "2":
+        time.sleep(0.3)
+        ctx = requests.post(f"{server.url}/analyze_image", data=frame((0, 0, 255)), headers={"X-API-Key": "k"}).json()
+        version = ctx["models"][0]["version"]
+    assert version == "2"
+
+
+def test_a_corrupt_model_stops_the_start_with_exit_78(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    project = write_project(tmp_path / "p", FLOW)
+    save_red_detector(project / "models")
+    with open(project / "models" / "red" / "1" / "model.bin", "ab") as weights:
+        weights.write(b"\0")
+    result = subprocess.run([sys.executable, "-m", "appliance", "serve", str(project), "--port", "0"],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 78
+    assert "model.bin sha256 mismatch (expected" in result.stderr
