@@ -49,12 +49,23 @@ def _present(device: str, available: list[str]) -> bool:
     return device in available or (device == base and any(a.split(".")[0] == base for a in available))
 
 
+def _present_candidates(device: str, available: list[str]) -> str:
+    """AUTO:NPU,GPU,CPU -> AUTO:CPU here: OpenVINO fails to compile when a listed plugin cannot even load
+    (measured: the GPU plugin without libOpenCL.so.1), instead of skipping it."""
+    kind, _, candidates = device.partition(":")
+    if kind not in ("AUTO", "HETERO", "MULTI") or not candidates:
+        return device
+    present = [c.strip() for c in candidates.split(",") if _present(c.strip(), available)]
+    return f"{kind}:{','.join(present)}"
+
+
 def place(profile: FirmwareProfile, available: list[str] | None = None) -> Placement:
     """Resolve a profile's device against what OpenVINO sees (RELIABILITY 11.4: never fall back silently)."""
     available = available_devices() if available is None else available
     shown = ", ".join(available) or "none"
     if _present(profile.device, available):
-        return Placement(profile.name, profile.device, profile.device, f"{profile.device} is available")
+        device = _present_candidates(profile.device, available)
+        return Placement(profile.name, profile.device, device, f"{device} is available")
     absent = f"profile {profile.name}: device {profile.device} not available (available: {shown})"
     if profile.fallback and _present(profile.fallback, available):
         if profile.allow_fallback:

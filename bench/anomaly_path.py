@@ -1,0 +1,112 @@
+"""`make bench`, anomaly part: the server's paths against the in-process OpenVINO ceiling of the same model.
+
+The ceiling is an AsyncInferQueue on the same compiled model, fed the same frames already resized to the
+model's input, with as many jobs as the device's optimal number of requests. The server paths send the
+camera frames (shared memory, Bayer RG8 body, JPEG body) through the project's whole flow at 1 and 8 clients.
+
+    .venv/bin/python bench/anomaly_path.py [--project projects/demo] [--seconds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import cv2
+import numpy as np
+import openvino as ov
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from appliance.project import Project  # noqa: E402
+from bench.hot_path import bayer_of, over_http, summary  # noqa: E402
+from tests.conftest import start_server  # noqa: E402
+
+
+def ceiling(loaded, batches: list[np.ndarray], seconds: float) -> dict[str, float]:
+    """Inferences per second with every infer request of the compiled model busy."""
+    jobs = int(loaded.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+    queue = ov.AsyncInferQueue(loaded.compiled, jobs)
+    latencies: list[float] = []
+    queue.set_callback(lambda request, started: latencies.append(time.perf_counter() - started))
+    index = 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        queue.start_async({0: batches[index % len(batches)]}, time.perf_counter())
+        index += 1
+    queue.wait_all()
+    result = summary(latencies, time.perf_counter() - started)
+    result["jobs"] = jobs
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--project", default=str(REPO / "projects" / "demo"))
+    parser.add_argument("--seconds", type=float, default=4.0)
+    args = parser.parse_args()
+    project_dir = Path(args.project)
+    images = sorted((project_dir / "images" / "good").glob("*.png"))[:8]
+    if not images:
+        raise SystemExit(f"no frames in {project_dir / 'images' / 'good'}; run `make run` once (it makes them)")
+    frames = [cv2.imread(str(path), cv2.IMREAD_COLOR) for path in images]
+    height, width = frames[0].shape[:2]
+    project = Project.load(project_dir)
+    project.prepare()
+    slots = [slot for slot in project.runtime.slots.values() if slot.current is not None]
+    if not slots:
+        raise SystemExit("the project's flow has no model")
+    loaded = slots[0].current
+    model_h, model_w = loaded.input_size
+    batches = [cv2.resize(f, (model_w, model_h), interpolation=cv2.INTER_AREA)[None] for f in frames]
+    jpegs = [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes() for f in frames]
+    mosaics = [bayer_of(f).tobytes() for f in frames]
+    blocks: list[shared_memory.SharedMemory] = []
+
+    def shm_request(index: int) -> dict:
+        while len(blocks) <= index:
+            block = shared_memory.SharedMemory(create=True, size=frames[0].nbytes)
+            np.ndarray(frames[0].shape, np.uint8, buffer=block.buf)[:] = frames[len(blocks) % len(frames)]
+            blocks.append(block)
+        return {"query": f"?width={width}&height={height}&name={blocks[index].name}"}
+
+    paths = [
+        ("shared memory", "/analyze_image_shared_memory", shm_request),
+        ("Bayer RG8 body", "/analyze_raw_image",
+         lambda i: {"query": f"?width={width}&height={height}&bayer", "body": mosaics[i % len(mosaics)]}),
+        ("JPEG body", "/analyze_image", lambda i: {"query": "", "body": jpegs[i % len(jpegs)]}),
+    ]
+    top = ceiling(loaded, batches, args.seconds)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        server = start_server(project_dir, log_file=Path(tmp) / "server.log", log_level="INFO")
+        try:
+            for clients in (1, 8):
+                for name, endpoint, make_request in paths:
+                    rows.append((name, clients, asyncio.run(over_http(server.url + endpoint, make_request, clients,
+                                                                      args.seconds))))
+        finally:
+            server.stop()
+            for block in blocks:
+                block.close()
+                block.unlink()
+            project.close()
+    print(f"\nAnomaly flow of {project_dir.name}: model {loaded.name} v{loaded.version} ({model_w}x{model_h}, "
+          f"{loaded.device}, {loaded.precision}), camera frames {width}x{height}, {args.seconds:g} s per row\n")
+    print("| path | clients | req/s | p50 ms | p99 ms | ratio to ceiling |")
+    print("|---|---|---|---|---|---|")
+    print(f"| in-process ceiling (AsyncInferQueue, {top['jobs']} jobs) | - | {top['rps']:.1f} | {top['p50']:.2f} | "
+          f"{top['p99']:.2f} | 1.00 |")
+    for name, clients, result in rows:
+        print(f"| {name} | {clients} | {result['rps']:.1f} | {result['p50']:.2f} | {result['p99']:.2f} | "
+              f"{result['rps'] / top['rps']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
