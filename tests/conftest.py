@@ -67,6 +67,21 @@ class Server:
 
 def start_server(project: Path, *extra: str, log_file: Path | None = None, wait_ready: bool = True,
                  env: dict[str, str] | None = None, timeout: float = 60, log_level: str = "DEBUG") -> Server:
+    for _ in range(3):
+        try:
+            return _start_server(project, *extra, log_file=log_file, wait_ready=wait_ready, env=env, timeout=timeout,
+                                 log_level=log_level)
+        except PortTaken:
+            continue  # another process took the free port between our probe and the server's bind
+    raise RuntimeError("no free port found in 3 tries")
+
+
+class PortTaken(Exception):
+    pass
+
+
+def _start_server(project: Path, *extra: str, log_file: Path | None, wait_ready: bool, env: dict[str, str] | None,
+                  timeout: float, log_level: str) -> Server:
     port = free_port()
     log_file = log_file or project / "server.log"
     command = [sys.executable, "-m", "appliance", "serve", str(project), "--host", "127.0.0.1", "--port", str(port),
@@ -88,6 +103,8 @@ def start_server(project: Path, *extra: str, log_file: Path | None = None, wait_
                 return server
         elif process.poll() is not None:
             break
+    if process.poll() == 75:
+        raise PortTaken()
     process.kill()
     stderr = process.stderr.read() if process.stderr else ""
     raise RuntimeError(f"server did not start: stdout={server.stdout_lines} stderr={stderr[-2000:]}")

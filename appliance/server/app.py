@@ -17,11 +17,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from appliance import __version__, frames
+from appliance.context import Context
 from appliance.errors import (
     ApplianceError,
     BadRequest,
     ClientGone,
     Forbidden,
+    NotFound,
     PayloadTooLarge,
     ServiceUnavailable,
     Unauthorized,
@@ -38,7 +40,7 @@ from appliance.telemetry.metrics import Metrics
 log = logging.getLogger("appliance.server")
 
 ENDPOINTS = ("/analyze_image", "/analyze_raw_image", "/analyze_image_shared_memory", "/ping", "/version",
-             "/health/live", "/health/ready", "/metrics", "/stop", "/models/switch")
+             "/health/live", "/health/ready", "/metrics", "/stop", "/models/switch", "/last_image")
 
 
 @dataclass
@@ -54,6 +56,8 @@ class ServerState:
     draining: bool = False
     waiting: int = 0
     in_flight: int = 0
+    # The context of the last analysed frame, for GET /last_image (one frame is kept, replaced by the next).
+    last: Context | None = None
     semaphore: asyncio.Semaphore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -223,6 +227,7 @@ def _worker(state: ServerState, decode: Callable[[], frames.Frame], query: param
     def work() -> Answer:
         frame = decode()
         ctx = project.inspect(frame, query.data)
+        state.last = ctx
         verdict = "ok" if ctx.get("result") else "ng"
         state.metrics.verdicts.labels(verdict).inc()
         ctx["completeTime"] = time.perf_counter() - started
@@ -307,6 +312,19 @@ async def analyze_shared_memory(request: web.Request) -> web.Response:
     if request.can_read_body:
         response.force_close()
     return response
+
+
+async def last_image(request: web.Request) -> web.Response:
+    """GET /last_image: the last analysed frame's answer again, in any response type (PROTOCOL.md 1)."""
+    state, _, query = _begin(request)
+    ctx = state.last
+    if ctx is None:
+        raise NotFound("no frame has been analysed yet")
+    settings = state.project.config.image_response
+    answer = await asyncio.get_running_loop().run_in_executor(state.workers, lambda: build_answer(
+        ctx, query.response_type, context_in_body=query.context_in_body,
+        image_format=query.image_format or settings.format, jpeg_quality=query.jpeg_quality or settings.jpeg_quality))
+    return web.Response(body=answer.body, content_type=answer.content_type, headers=answer.headers)
 
 
 async def ping(request: web.Request) -> web.Response:
@@ -413,6 +431,7 @@ def create_app(project: Project, *, stop_key: str | None = None, workers: int | 
     for path, handler in (("/analyze_image", analyze_image), ("/analyze_raw_image", analyze_raw_image),
                           ("/analyze_image_shared_memory", analyze_shared_memory)):
         app.router.add_post(path, handler, expect_handler=expect_continue)
+    app.router.add_get("/last_image", last_image)
     app.router.add_get("/ping", ping)
     app.router.add_get("/version", version)
     app.router.add_get("/stop", stop)

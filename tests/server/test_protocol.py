@@ -219,3 +219,19 @@ def test_the_server_keeps_answering_ping_while_frames_are_processed(tmp_path, se
         assert requests.get(f"{server.url}/ping", timeout=5).text == "pong"
         assert time.perf_counter() - started < 0.1
         assert all(f.result().status_code == 200 for f in slow)
+
+
+def test_last_image_answers_the_last_frame_again(tmp_path, serve, http):
+    project = write_project(tmp_path / "p", {"nodes": {"f": {"type": "flip@1", "direction": "horizontal"}}},
+                            api_key="k")
+    server = serve(project)
+    assert http.get(f"{server.url}/last_image?api_key=k").json() == {
+        "status": 404, "message": "no frame has been analysed yet", "data": None}
+    image = part_image(True, 64, 48)
+    http.post(f"{server.url}/analyze_image?api_key=k&data=first", data=png(image))
+    assert http.get(f"{server.url}/last_image").status_code == 401
+    again = http.get(f"{server.url}/last_image?api_key=k&response_type=image&context_in_body")
+    length = int(again.headers["ImageLen"])
+    flipped = cv2.imdecode(np.frombuffer(again.content[:length], np.uint8), cv2.IMREAD_COLOR)
+    assert np.array_equal(flipped, image[:, ::-1])
+    assert json.loads(again.content[length:])["data"] == "first"
