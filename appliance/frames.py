@@ -206,6 +206,20 @@ def demosaic_rggb(mosaic: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(mosaic, _BAYER_RGGB_TO_BGR)
 
 
+def mosaic_rggb(bgr: np.ndarray) -> np.ndarray:
+    """What an RGGB (Bayer RG8) sensor delivers for a BGR scene: red at even rows and columns, blue at odd ones.
+
+    For tests, benchmarks and camera simulators; odd edges are cut, as Bayer frames have even sizes.
+    """
+    height, width = bgr.shape[0] & ~1, bgr.shape[1] & ~1
+    mosaic = np.empty((height, width), np.uint8)
+    mosaic[0::2, 0::2] = bgr[0:height:2, 0:width:2, 2]
+    mosaic[0::2, 1::2] = bgr[0:height:2, 1:width:2, 1]
+    mosaic[1::2, 0::2] = bgr[1:height:2, 0:width:2, 1]
+    mosaic[1::2, 1::2] = bgr[1:height:2, 1:width:2, 0]
+    return mosaic
+
+
 def raw_frame(body: Bytes, width: int, height: int, *, bayer: bool, color: ColorMode = "bgr") -> Frame:
     if len(body) == 0:
         raise BadRequest("request body is empty; send raw BGR/gray bytes")

@@ -24,8 +24,9 @@ import openvino as ov
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from appliance.frames import mosaic_rggb  # noqa: E402
 from appliance.project import Project  # noqa: E402
-from bench.hot_path import bayer_of, over_http, summary  # noqa: E402
+from bench.hot_path import over_http, summary  # noqa: E402
 from tests.conftest import start_server  # noqa: E402
 
 
@@ -66,7 +67,7 @@ def main() -> None:
     model_h, model_w = loaded.input_size
     batches = [cv2.resize(f, (model_w, model_h), interpolation=cv2.INTER_AREA)[None] for f in frames]
     jpegs = [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes() for f in frames]
-    mosaics = [bayer_of(f).tobytes() for f in frames]
+    mosaics = [mosaic_rggb(f).tobytes() for f in frames]
     blocks: list[shared_memory.SharedMemory] = []
 
     def shm_request(index: int) -> dict:

@@ -48,15 +48,6 @@ def test_frame() -> np.ndarray:
     return cv2.resize(side, (WIDTH, HEIGHT))
 
 
-def bayer_of(bgr: np.ndarray) -> np.ndarray:
-    mosaic = np.empty(bgr.shape[:2], np.uint8)
-    mosaic[0::2, 0::2] = bgr[0::2, 0::2, 2]
-    mosaic[0::2, 1::2] = bgr[0::2, 1::2, 1]
-    mosaic[1::2, 0::2] = bgr[1::2, 0::2, 1]
-    mosaic[1::2, 1::2] = bgr[1::2, 1::2, 0]
-    return mosaic
-
-
 def summary(latencies: list[float], elapsed: float) -> dict[str, float]:
     ordered = sorted(latencies)
     return {"rps": len(ordered) / elapsed, "p50": statistics.median(ordered) * 1000,
@@ -109,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     cv2.setNumThreads(2)
     frame = test_frame()
-    mosaic = bayer_of(frame)
+    mosaic = frames.mosaic_rggb(frame)
     jpeg_bytes = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
     bgr_bytes, bayer_bytes = frame.tobytes(), mosaic.tobytes()
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import requests
 
+from appliance.frames import mosaic_rggb
 from tests.conftest import REPO, write_project
 
 SPOT_FLOW = (REPO / "flows" / "demo.yaml").read_text()
@@ -85,16 +86,6 @@ def test_raw_frames_gray_bgr_and_bgra(demo_server, http, channels):
     assert response.json()["result"] is False
 
 
-def rggb_mosaic(bgr: np.ndarray) -> np.ndarray:
-    """Sample a BGR image as an RGGB sensor would: R at (even, even), G at odd/even mixes, B at (odd, odd)."""
-    mosaic = np.empty(bgr.shape[:2], np.uint8)
-    mosaic[0::2, 0::2] = bgr[0::2, 0::2, 2]
-    mosaic[0::2, 1::2] = bgr[0::2, 1::2, 1]
-    mosaic[1::2, 0::2] = bgr[1::2, 0::2, 1]
-    mosaic[1::2, 1::2] = bgr[1::2, 1::2, 0]
-    return mosaic
-
-
 def test_bayer_rg8_frame_is_demosaiced_with_the_right_colours(tmp_path, serve, http):
     project = write_project(tmp_path / "p", {"nodes": {"c": {"type": "color@1", "to": "bgr"}}})
     server = serve(project)
@@ -103,7 +94,7 @@ def test_bayer_rg8_frame_is_demosaiced_with_the_right_colours(tmp_path, serve, h
     for index, colour in enumerate(patches.values()):
         bgr[:, index * 64:(index + 1) * 64] = colour
     response = http.post(f"{server.url}/analyze_raw_image?width=256&height=64&bayer&response_type=image",
-                         data=rggb_mosaic(bgr).tobytes())
+                         data=mosaic_rggb(bgr).tobytes())
     assert response.status_code == 200
     image = cv2.imdecode(np.frombuffer(response.content, np.uint8), cv2.IMREAD_COLOR)
     for index, (name, colour) in enumerate(patches.items()):
