@@ -7,6 +7,7 @@ import hmac
 import ipaddress
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -58,6 +59,8 @@ class ServerState:
     in_flight: int = 0
     # The context of the last analysed frame, for GET /last_image (one frame is kept, replaced by the next).
     last: Context | None = None
+    # Moving mean of a request's time in a worker, for Retry-After when the queue is full.
+    service_seconds: float = 0.05
     semaphore: asyncio.Semaphore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -179,7 +182,9 @@ def _admit(state: ServerState) -> None:
                                  f"{state.project.node_count} ready)", headers={"Retry-After": "1"})
     if state.waiting >= state.queue_depth:
         state.metrics.rejected.labels("queue_full").inc()
-        raise ServiceUnavailable(f"busy: queue of {state.queue_depth} is full", headers={"Retry-After": "1"})
+        # HTTP allows whole seconds only (RELIABILITY 8.1): the time to work off the queue, at least 1.
+        retry = max(1, math.ceil(state.waiting * state.service_seconds / state.slots))
+        raise ServiceUnavailable(f"busy: queue of {state.queue_depth} is full", headers={"Retry-After": str(retry)})
 
 
 async def _process(request: web.Request, state: ServerState, work: Callable[[], Answer]) -> web.Response:
@@ -207,9 +212,11 @@ async def _process(request: web.Request, state: ServerState, work: Callable[[], 
             raise ClientGone("queued")
         state.in_flight += 1
         state.metrics.in_flight.inc()
+        started = time.perf_counter()
         try:
             answer = await asyncio.get_running_loop().run_in_executor(state.workers, work)
         finally:
+            state.service_seconds += 0.1 * (time.perf_counter() - started - state.service_seconds)
             state.in_flight -= 1
             state.metrics.in_flight.dec()
         if request.transport is None or request.transport.is_closing():

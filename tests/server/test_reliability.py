@@ -542,3 +542,26 @@ def test_7_3_stuck_hooks_turn_readiness_off(tmp_path, serve):
     status, message = error_of(requests.get(f"{server.url}/health/ready"))
     assert status == 503 and "2 Code hooks are stuck" in message
     assert requests.get(f"{server.url}/ping").status_code == 200
+
+
+def test_8_1_a_full_queue_answers_503_at_once_with_retry_after(tmp_path, serve):
+    import concurrent.futures
+
+    hook = "import time\ndef main(context):\n    time.sleep(1.0)\n"
+    project = write_project(tmp_path / "p", {"nodes": {"h": {"type": "code@1", "module": "slow"}}},
+                            hooks={"slow": hook}, limits={"queue_depth": 2})
+    server = serve(project)
+    body = png(part_image(False, 16, 16))
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        busy = [pool.submit(requests.post, f"{server.url}/analyze_image", data=body) for _ in range(8)]
+        time.sleep(0.3)
+        started = time.perf_counter()
+        rejected = requests.post(f"{server.url}/analyze_image", data=body)
+        elapsed = time.perf_counter() - started
+        answers = [f.result() for f in busy]
+    status, message = error_of(rejected)
+    assert (status, message) == (503, "busy: queue of 2 is full")
+    assert elapsed < 0.1
+    assert int(rejected.headers["Retry-After"]) >= 1
+    assert sum(a.status_code == 200 for a in answers) >= 2
+    assert 'appliance_rejected_requests_total{reason="queue_full"}' in requests.get(f"{server.url}/metrics").text
