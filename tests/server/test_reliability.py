@@ -565,3 +565,28 @@ def test_8_1_a_full_queue_answers_503_at_once_with_retry_after(tmp_path, serve):
     assert int(rejected.headers["Retry-After"]) >= 1
     assert sum(a.status_code == 200 for a in answers) >= 2
     assert 'appliance_rejected_requests_total{reason="queue_full"}' in requests.get(f"{server.url}/metrics").text
+
+
+def test_10_sigterm_drains_requests_in_flight_and_exits_zero(tmp_path, serve):
+    import concurrent.futures
+    import signal
+
+    hook = "import time\ndef main(context):\n    time.sleep(1.0)\n"
+    project = write_project(tmp_path / "p", {"nodes": {"h": {"type": "code@1", "module": "slow"}}},
+                            hooks={"slow": hook}, limits={"queue_depth": 8})
+    server = serve(project)
+    body = png(part_image(False, 16, 16))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        slow = [pool.submit(requests.post, f"{server.url}/analyze_image", data=body) for _ in range(4)]
+        time.sleep(0.3)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        try:
+            late = requests.post(f"{server.url}/analyze_image", data=body, timeout=5).status_code
+        except requests.ConnectionError:
+            late = "refused"
+        assert [f.result().status_code for f in slow] == [200, 200, 200, 200]
+    assert late in (503, "refused")
+    assert server.process.wait(10) == 0
+    assert time.monotonic() - started < 2 + 1  # two rounds of 1 s hooks on 2 workers, plus margin
