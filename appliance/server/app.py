@@ -61,6 +61,8 @@ class ServerState:
     last: Context | None = None
     # Moving mean of a request's time in a worker, for Retry-After when the queue is full.
     service_seconds: float = 0.05
+    # When a worker last finished a request: the systemd watchdog pings only while workers progress.
+    last_progress: float = field(default_factory=time.monotonic)
     semaphore: asyncio.Semaphore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -217,6 +219,7 @@ async def _process(request: web.Request, state: ServerState, work: Callable[[], 
             answer = await asyncio.get_running_loop().run_in_executor(state.workers, work)
         finally:
             state.service_seconds += 0.1 * (time.perf_counter() - started - state.service_seconds)
+            state.last_progress = time.monotonic()
             state.in_flight -= 1
             state.metrics.in_flight.dec()
         if request.transport is None or request.transport.is_closing():

@@ -8,12 +8,14 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from aiohttp import web
 
 from appliance.project import Project
 from appliance.runtime.store import StoreError
-from appliance.server.app import STATE, create_app
+from appliance.server.app import STATE, ServerState, create_app
+from appliance.telemetry.systemd import Notifier
 
 log = logging.getLogger("appliance.serve")
 
@@ -27,6 +29,26 @@ def _say(line: str) -> None:
     # The PEKAT client reads these markers from our stdout, line by line (PROTOCOL.md 6).
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+async def _extend_start_timeout(notifier: Notifier) -> None:
+    """A first compile on an iGPU or NPU can outlast TimeoutStartSec: ask for 20 s more every 10 s (11.8)."""
+    while notifier.enabled:
+        notifier.send("EXTEND_TIMEOUT_USEC=20000000")
+        await asyncio.sleep(10)
+
+
+async def _watchdog(notifier: Notifier, state: ServerState) -> None:
+    """Ping from the event loop, and only while the workers make progress (RELIABILITY 13.5, 7.3)."""
+    assert notifier.watchdog_seconds is not None
+    interval = notifier.watchdog_seconds / 2
+    while True:
+        idle = state.in_flight == 0
+        progressing = time.monotonic() - state.last_progress < notifier.watchdog_seconds
+        healthy = state.project.stuck_hooks < state.project.config.limits.max_stuck_hooks
+        if (idle or progressing) and healthy:
+            notifier.send("WATCHDOG=1")
+        await asyncio.sleep(interval)
 
 
 async def serve_project(project: Project, host: str, port: int, stop_key: str | None) -> int:
@@ -65,6 +87,8 @@ async def serve_project(project: Project, host: str, port: int, stop_key: str | 
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    notifier = Notifier()
+    extender = asyncio.create_task(_extend_start_timeout(notifier))
     try:
         await loop.run_in_executor(None, project.prepare)
     except StoreError as error:
@@ -77,11 +101,19 @@ async def serve_project(project: Project, host: str, port: int, stop_key: str | 
         log.exception("preparing the flow's nodes failed")
         await runner.cleanup()
         return 1
+    finally:
+        extender.cancel()
     state.metrics.describe_models(project.runtime)
     state.ready = True
     _say("STOP_INIT_MODEL")
+    notifier.send("READY=1", f"STATUS=serving {project.name} ({len(project.runtime.slots)} models) on {url}")
+    watchdog = asyncio.create_task(_watchdog(notifier, state)) if notifier.watchdog_seconds else None
     await state.stop_requested.wait()
+    notifier.send("STOPPING=1")
+    if watchdog is not None:
+        watchdog.cancel()
     state.draining = True
     log.info("stopping: draining %d requests in flight", state.in_flight)
     await runner.cleanup()
+    notifier.close()
     return 0
