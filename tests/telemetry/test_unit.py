@@ -42,6 +42,6 @@ def test_unit_exposure_stays_low(unit):
 def test_unit_keeps_jit_allowed_and_shared_memory_usable():
     text = (REPO / "systemd" / "appliance@.service").read_text()
     assert "MemoryDenyWriteExecute=no" in text  # OpenVINO's CPU plugin JIT-compiles its kernels
-    assert "RemoveIPC=no" in text and "DynamicUser" not in text  # clients' /dev/shm blocks survive
+    assert "RemoveIPC=no" in text and "\nDynamicUser=" not in text  # clients' /dev/shm blocks survive
     assert "InaccessiblePaths=/dev/shm" not in text and "ProcSubset=pid" not in text
     assert "RestartPreventExitStatus=78" in text and "Type=notify" in text and "WatchdogSec=" in text
