@@ -40,7 +40,7 @@ def test_ready_watchdog_and_stopping_arrive_in_order(tmp_path, serve, abstract):
     assert messages[-1] == "STOPPING=1"
     # The first ping may have queued up while the test was still waiting for the start markers.
     pings = [t for t, m in received if m == "WATCHDOG=1"][1:]
-    for earlier, later in zip(pings, pings[1:]):
+    for earlier, later in zip(pings, pings[1:], strict=False):
         assert 0.4 <= later - earlier <= 0.6  # WATCHDOG_USEC / 2, within 20 %
     assert server.process.wait(10) == 0
 
