@@ -205,8 +205,6 @@ class Code(Node[CodeSettings]):
         ctx["stderr"] = (ctx.get("stderr", "") + err)[:STREAM_CAP]
 
     def _failed(self, ctx: Context, entry: dict[str, Any]) -> None:
-        self.env.extras.setdefault("hook_errors", {}).setdefault(self.id, 0)
-        self.env.extras["hook_errors"][self.id] += 1
         if self.settings.on_error == "continue":
             ctx["errors"].append(entry)
             ctx["error"] = True

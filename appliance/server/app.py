@@ -233,6 +233,7 @@ def _worker(state: ServerState, decode: Callable[[], frames.Frame], query: param
             started: float) -> Callable[[], Answer]:
     project = state.project
     settings = project.config.image_response
+    code_nodes = {node_id for node_id, node in project.graph.nodes.items() if node.settings.type == "code@1"}
 
     def work() -> Answer:
         frame = decode()
@@ -240,6 +241,10 @@ def _worker(state: ServerState, decode: Callable[[], frames.Frame], query: param
         state.last = ctx
         verdict = "ok" if ctx.get("result") else "ng"
         state.metrics.verdicts.labels(verdict).inc()
+        for error in ctx.get("errors", []):
+            node = error.get("node") if isinstance(error, dict) else None
+            if node in code_nodes and "type" in error:
+                state.metrics.hook_errors.labels(node).inc()
         ctx["completeTime"] = time.perf_counter() - started
         return build_answer(ctx, query.response_type, context_in_body=query.context_in_body,
                             image_format=query.image_format or settings.format,

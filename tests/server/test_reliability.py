@@ -542,6 +542,7 @@ def test_7_3_stuck_hooks_turn_readiness_off(tmp_path, serve):
     body = png(part_image(False, 32, 32))
     first = requests.post(f"{server.url}/analyze_image", data=body).json()
     assert first["result"] is False and first["errors"][0]["message"] == "hook exceeded 0.2 s"
+    assert 'appliance_hook_errors_total{node="h"} 1.0' in requests.get(f"{server.url}/metrics").text
     assert requests.get(f"{server.url}/health/ready").status_code == 200
     requests.post(f"{server.url}/analyze_image", data=body)
     status, message = error_of(requests.get(f"{server.url}/health/ready"))
