@@ -47,8 +47,8 @@ class Anomaly(Node[AnomalySettings]):
         try:
             spec = read_spec(resolve_version(store, settings.model))
         except StoreError as error:
-            return [(("model",), f"{error}; train one with `appliance train anomaly --good DIR --out "
-                                 f"{store / settings.model}`")]
+            return [(("model",), f"{error}; put a version in {store / settings.model}/<version>/ "
+                                 "(network, spec.yaml, manifest.json) and name it in its `current` file")]
         if spec.task != "anomaly":
             return [(("model",), f"model '{settings.model}' is a {spec.task} model, not an anomaly model")]
         if spec.threshold is None and settings.threshold is None:

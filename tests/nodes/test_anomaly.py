@@ -107,7 +107,7 @@ def test_missing_model_fails_check_with_a_hint(tmp_path):
     result = subprocess.run([sys.executable, "-m", "appliance", "check", str(project)], capture_output=True,
                             text=True, cwd=REPO)
     assert result.returncode == 1
-    assert "nodes.anomaly.model: model 'red':" in result.stdout and "appliance train anomaly" in result.stdout
+    assert "nodes.anomaly.model: model 'red':" in result.stdout and "current` file" in result.stdout
 
 
 @pytest.fixture
