@@ -264,9 +264,11 @@ class Code(Node[CodeSettings]):
             ctx.add_error(self.id, "rectangle needs numeric x, y, width and height; dropped")
             return
         names = rectangle.get("classNames") or [{}]
-        label = names[0].get("label", self.id) if isinstance(names[0], dict) else self.id
+        first = names[0] if isinstance(names[0], dict) else {}
+        color = first.get("color")
         confidence = float(rectangle.get("confidence", 1.0))
-        added = ctx.add_rectangle(self.id, x, y, w, h, label=str(label), confidence=confidence, source_type="CODE")
+        added = ctx.add_rectangle(self.id, x, y, w, h, label=str(first.get("label", self.id)), confidence=confidence,
+                                  source_type="CODE", color=color if isinstance(color, str) else None)
         for key, value in rectangle.items():
             if key not in added and key not in ("x", "y", "width", "height"):
                 added[key] = value

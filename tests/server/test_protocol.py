@@ -63,7 +63,8 @@ def test_analyze_image_gives_the_verdict_and_the_rectangle_in_frame_pixels(demo_
     if spot:
         (rect,) = ctx["detectedRectangles"]
         assert (rect["x"], rect["y"], rect["width"], rect["height"]) == (900, 500, 40, 30)
-        assert rect["classNames"][0]["label"] == "spot" and rect["source"]["type"] == "CODE"
+        assert rect["classNames"][0] == {"id": 1, "label": "spot", "confidence": 100, "color": "#ff0000"}
+        assert rect["source"]["type"] == "CODE"
         assert rect["id"] == 1
     else:
         assert ctx["detectedRectangles"] == []
