@@ -40,6 +40,13 @@ def write_project(folder: Path, flow: dict | str, *, hooks: dict[str, str] | Non
     return folder
 
 
+def slow_project(folder: Path, seconds: float, **settings) -> Path:
+    """A project whose one Code node sleeps `seconds` per frame: busy workers without using the CPU."""
+    hook = f"import time\ndef main(context):\n    time.sleep({seconds})\n"
+    flow = {"nodes": {"h": {"type": "code@1", "module": "slow", **settings.pop("node", {})}}}
+    return write_project(folder, flow, hooks={"slow": hook}, **settings)
+
+
 @dataclass
 class Server:
     process: subprocess.Popen

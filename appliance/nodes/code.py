@@ -16,7 +16,6 @@ import io
 import sys
 import threading
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from types import ModuleType
@@ -27,6 +26,7 @@ from pydantic import Field, PositiveFloat
 
 from appliance.context import DROPPED, PRIVATE_KEYS, Context, clean_json
 from appliance.nodes.base import Node, NodeEnvironment, NodeError, NodeSettings
+from appliance.threads import started_pool
 
 STREAM_CAP = 64 * 1024
 # Keys a hook must leave in place for the nodes after it (RELIABILITY 7.6).
@@ -77,7 +77,7 @@ class HookRunner:
     def __init__(self, max_stuck: int, workers: int):
         self.max_stuck = max_stuck
         # A stuck thread cannot be killed; extra threads keep the project answering until max_stuck is reached.
-        self.executor = ThreadPoolExecutor(max_workers=workers + max_stuck, thread_name_prefix="hook")
+        self.executor = started_pool(workers + max_stuck, "hook")
         self._lock = threading.Lock()
         self.stuck = 0
         self._install_streams()

@@ -37,6 +37,7 @@ from appliance.server.auth import require_key
 from appliance.server.body import CLOSE, check_declared_size, read_body, read_multipart_file
 from appliance.telemetry.logs import redact_query
 from appliance.telemetry.metrics import Metrics
+from appliance.threads import started_pool
 
 log = logging.getLogger("appliance.server")
 
@@ -441,7 +442,7 @@ def create_app(project: Project, *, stop_key: str | None = None, workers: int | 
                           handler_args={"max_line_size": 65536, "max_field_size": 65536, "keepalive_timeout": 15})
     app[STATE] = ServerState(
         project=project, stop_key=stop_key, metrics=Metrics(project.name, project.flow_sha256),
-        workers=ThreadPoolExecutor(max_workers=slots, thread_name_prefix="worker"), slots=slots,
+        workers=started_pool(slots, "worker"), slots=slots,
         queue_depth=limits.queue_depth or 2 * slots)
     for path, handler in (("/analyze_image", analyze_image), ("/analyze_raw_image", analyze_raw_image),
                           ("/analyze_image_shared_memory", analyze_shared_memory)):

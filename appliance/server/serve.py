@@ -16,6 +16,7 @@ from appliance.project import Project
 from appliance.runtime.store import StoreError
 from appliance.server.app import STATE, ServerState, create_app
 from appliance.telemetry.systemd import Notifier
+from appliance.threads import started_pool
 
 log = logging.getLogger("appliance.serve")
 
@@ -74,6 +75,8 @@ async def serve_project(project: Project, host: str, port: int, stop_key: str | 
     print(f"appliance: serving project {project.name} on {url}", file=sys.stderr, flush=True)
     log.info("serving project %s on %s", project.name, url)
     loop = asyncio.get_running_loop()
+    # Model compiles and pointer checks: a fixed pool instead of asyncio's lazily growing default one.
+    loop.set_default_executor(started_pool(2, "runtime"))
     signals_seen = 0
 
     def on_signal() -> None:

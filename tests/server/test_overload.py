@@ -8,7 +8,7 @@ import time
 
 import requests
 
-from tests.conftest import write_project
+from tests.conftest import slow_project
 from tests.server.test_protocol import part_image, png
 
 
@@ -30,9 +30,7 @@ def cameras(url: str, body: bytes, clients: int, seconds: float, results) -> Non
 
 
 def test_ping_and_metrics_stay_fast_while_every_worker_is_busy_and_the_queue_is_full(tmp_path, serve):
-    hook = "import time\ndef main(context):\n    time.sleep(0.5)\n"
-    project = write_project(tmp_path / "p", {"nodes": {"h": {"type": "code@1", "module": "slow"}}},
-                            hooks={"slow": hook}, limits={"queue_depth": 4})
+    project = slow_project(tmp_path / "p", 0.5, limits={"queue_depth": 4})
     server = serve(project)
     body = png(part_image(False, 32, 32))
     manager = multiprocessing.Manager()

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from appliance.frames import mosaic_rggb
-from tests.conftest import REPO, write_project
+from tests.conftest import REPO, slow_project, write_project
 
 SPOT_FLOW = (REPO / "flows" / "demo.yaml").read_text()
 
@@ -196,9 +196,7 @@ def test_stop_without_a_stop_key_is_forbidden(demo_server, http):
 
 
 def test_the_server_keeps_answering_ping_while_frames_are_processed(tmp_path, serve):
-    hook = "import time\ndef main(context):\n    time.sleep(0.5)\n"
-    project = write_project(tmp_path / "p", {"nodes": {"h": {"type": "code@1", "module": "slow"}}},
-                            hooks={"slow": hook})
+    project = slow_project(tmp_path / "p", 0.5)
     server = serve(project)
     import concurrent.futures
     import time

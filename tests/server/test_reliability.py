@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import write_project
+from tests.conftest import slow_project, write_project
 from tests.server.test_protocol import jpeg, part_image, png
 
 KEY = "clé-Secret-42"
@@ -535,9 +535,7 @@ def test_5_9_wrong_keys_are_counted_without_a_peer_label(keyed):
 
 
 def test_7_3_stuck_hooks_turn_readiness_off(tmp_path, serve):
-    hook = "import time\ndef main(context):\n    time.sleep(30)\n"
-    project = write_project(tmp_path / "p", {"nodes": {"h": {"type": "code@1", "module": "stuck", "timeout_s": 0.2}}},
-                            hooks={"stuck": hook}, limits={"max_stuck_hooks": 2})
+    project = slow_project(tmp_path / "p", 30, node={"timeout_s": 0.2}, limits={"max_stuck_hooks": 2})
     server = serve(project)
     body = png(part_image(False, 32, 32))
     first = requests.post(f"{server.url}/analyze_image", data=body).json()
@@ -553,9 +551,7 @@ def test_7_3_stuck_hooks_turn_readiness_off(tmp_path, serve):
 def test_8_1_a_full_queue_answers_503_at_once_with_retry_after(tmp_path, serve):
     import concurrent.futures
 
-    hook = "import time\ndef main(context):\n    time.sleep(1.0)\n"
-    project = write_project(tmp_path / "p", {"nodes": {"h": {"type": "code@1", "module": "slow"}}},
-                            hooks={"slow": hook}, limits={"queue_depth": 2})
+    project = slow_project(tmp_path / "p", 1.0, limits={"queue_depth": 2})
     server = serve(project)
     body = png(part_image(False, 16, 16))
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
@@ -577,9 +573,7 @@ def test_10_sigterm_drains_requests_in_flight_and_exits_zero(tmp_path, serve):
     import concurrent.futures
     import signal
 
-    hook = "import time\ndef main(context):\n    time.sleep(1.0)\n"
-    project = write_project(tmp_path / "p", {"nodes": {"h": {"type": "code@1", "module": "slow"}}},
-                            hooks={"slow": hook}, limits={"queue_depth": 8})
+    project = slow_project(tmp_path / "p", 1.0, limits={"queue_depth": 8})
     server = serve(project)
     body = png(part_image(False, 16, 16))
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
