@@ -7,7 +7,7 @@ PROJECT ?= projects/demo
 
 MODEL_STORE := models
 
-.PHONY: install models run test lint bench soak check clean
+.PHONY: install models run test lint bench check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,9 +38,6 @@ lint: install
 bench: models
 	$(BIN)/python bench/hot_path.py
 	$(BIN)/python bench/startup.py
-
-soak: install
-	$(BIN)/python -m pytest -m soak -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
