@@ -179,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("project_dir")
     switch.add_argument("model")
     switch.add_argument("version")
+
+    train = commands.add_parser("train", help="train a model on this machine", add_help=False)
+    train.add_argument("task", choices=["anomaly"])
+    train.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -202,4 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         return _devices(args)
     if args.command == "models":
         return _models(args)
+    if args.command == "train":
+        from appliance.training.anomaly import main as train_anomaly
+
+        return int(train_anomaly(args.rest) or 0)
     return _check(args)
