@@ -7,7 +7,7 @@ PROJECT ?= projects/demo
 
 MODEL_STORE := models
 
-.PHONY: install models run test lint bench check clean
+.PHONY: install models demo run test lint bench check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,11 @@ install: $(STAMP)
 models: install
 	$(BIN)/python -m appliance.runtime.model_supply --store $(MODEL_STORE)
 
-run: models
+# The demo project's frames and anomaly model, trained here from its good frames (skipped once done).
+demo: models
+	$(BIN)/python -m appliance.training.demo_setup projects/demo
+
+run: demo
 	@echo "Serving $(PROJECT) (Ctrl+C stops it)"
 	$(BIN)/appliance serve $(PROJECT)
 
@@ -35,8 +39,9 @@ lint: install
 	$(BIN)/ruff check appliance tests bench examples
 	$(BIN)/mypy appliance
 
-bench: models
+bench: demo
 	$(BIN)/python bench/hot_path.py
+	$(BIN)/python bench/anomaly_path.py
 	$(BIN)/python bench/startup.py
 
 clean:

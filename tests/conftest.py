@@ -136,10 +136,10 @@ def serve(tmp_path: Path) -> Iterator:
 
 
 @pytest.fixture(scope="session")
-def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The shipped demo project, served once for the whole session."""
-    log_file = tmp_path_factory.mktemp("demo") / "server.log"
-    server = start_server(REPO / "projects" / "demo", log_file=log_file)
+def spots_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """projects/dark-spots (a Code-hook flow, no model), served once for the whole session."""
+    log_file = tmp_path_factory.mktemp("spots") / "server.log"
+    server = start_server(REPO / "projects" / "dark-spots", log_file=log_file)
     yield server
     server.stop()
 

@@ -31,7 +31,8 @@ class Limits(StrictModel):
     max_body_bytes: PositiveInt | None = None
     max_data_bytes: PositiveInt = 16_384
     body_read_timeout_s: PositiveFloat = 10.0
-    # None means 2 x the inference slots of the flow's models (2 x the worker threads without models).
+    # None means 2 x the inference slots (OPTIMAL_NUMBER_OF_INFER_REQUESTS) of the flow's models, or 2 x the
+    # worker threads when the flow has no model.
     queue_depth: PositiveInt | None = None
     queue_timeout_s: PositiveFloat = 5.0
     hook_timeout_s: PositiveFloat = 2.0

@@ -433,6 +433,15 @@ async def _follow_model_pointers(app: web.Application) -> None:
                 state.metrics.describe_models(state.project.runtime)
 
 
+def queue_depth(project: Project, workers: int) -> int:
+    """The configured depth, else 2 x the inference slots of the flow's loaded models (RELIABILITY 8), else
+    2 x the worker threads (no model, or before the models are loaded)."""
+    if project.config.limits.queue_depth:
+        return project.config.limits.queue_depth
+    model_slots = [slot.current.slots for slot in project.runtime.slots.values() if slot.current is not None]
+    return 2 * (max(model_slots) if model_slots else workers)
+
+
 def create_app(project: Project, *, stop_key: str | None = None, workers: int | None = None) -> web.Application:
     limits = project.config.limits
     slots = workers or max(1, os.cpu_count() or 1)
@@ -443,7 +452,7 @@ def create_app(project: Project, *, stop_key: str | None = None, workers: int | 
     app[STATE] = ServerState(
         project=project, stop_key=stop_key, metrics=Metrics(project.name, project.flow_sha256),
         workers=started_pool(slots, "worker"), slots=slots,
-        queue_depth=limits.queue_depth or 2 * slots)
+        queue_depth=queue_depth(project, slots))
     for path, handler in (("/analyze_image", analyze_image), ("/analyze_raw_image", analyze_raw_image),
                           ("/analyze_image_shared_memory", analyze_shared_memory)):
         app.router.add_post(path, handler, expect_handler=expect_continue)

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from appliance.project import Project
 from appliance.runtime.store import StoreError
-from appliance.server.app import STATE, ServerState, create_app
+from appliance.server.app import STATE, ServerState, create_app, queue_depth
 from appliance.telemetry.systemd import Notifier
 from appliance.threads import started_pool
 
@@ -107,6 +107,7 @@ async def serve_project(project: Project, host: str, port: int, stop_key: str | 
     finally:
         extender.cancel()
     state.metrics.describe_models(project.runtime)
+    state.queue_depth = queue_depth(project, state.slots)
     state.ready = True
     _say("STOP_INIT_MODEL")
     notifier.send("READY=1", f"STATUS=serving {project.name} ({len(project.runtime.slots)} models) on {url}")

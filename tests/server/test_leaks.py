@@ -51,16 +51,16 @@ def mixed_traffic(url: str, port: int, rounds: int) -> None:
         block.unlink()
 
 
-def test_descriptors_threads_and_memory_are_stable_after_mixed_traffic(demo_server):
-    mixed_traffic(demo_server.url, demo_server.port, 160)  # warm-up: pools, caches, allocator arenas
-    fds_before, threads_before, rss_before = process_counts(demo_server.process.pid)
-    mixed_traffic(demo_server.url, demo_server.port, 640)
-    assert requests.get(f"{demo_server.url}/ping").text == "pong"
-    fds_after, threads_after, rss_after = process_counts(demo_server.process.pid)
+def test_descriptors_threads_and_memory_are_stable_after_mixed_traffic(spots_server):
+    mixed_traffic(spots_server.url, spots_server.port, 160)  # warm-up: pools, caches, allocator arenas
+    fds_before, threads_before, rss_before = process_counts(spots_server.process.pid)
+    mixed_traffic(spots_server.url, spots_server.port, 640)
+    assert requests.get(f"{spots_server.url}/ping").text == "pong"
+    fds_after, threads_after, rss_after = process_counts(spots_server.process.pid)
     assert abs(fds_after - fds_before) <= 2, (fds_before, fds_after)
     assert threads_after == threads_before
     assert rss_after - rss_before < 30 * 1024, f"RSS grew {(rss_after - rss_before) / 1024:.1f} MiB"
-    metrics = requests.get(f"{demo_server.url}/metrics").text
+    metrics = requests.get(f"{spots_server.url}/metrics").text
     assert "appliance_in_flight_requests 0.0" in metrics
     assert "appliance_queue_depth 0.0" in metrics
     # Route names only: 80 different unknown paths add no series.

@@ -33,24 +33,24 @@ def jpeg(image: np.ndarray) -> bytes:
     return cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
 
 
-def test_ping_version_and_health(demo_server, http):
-    assert http.get(f"{demo_server.url}/ping").text == "pong"
-    assert http.head(f"{demo_server.url}/ping").status_code == 200
+def test_ping_version_and_health(spots_server, http):
+    assert http.get(f"{spots_server.url}/ping").text == "pong"
+    assert http.head(f"{spots_server.url}/ping").status_code == 200
     from packaging.version import Version
-    version = Version(http.get(f"{demo_server.url}/version").text)
+    version = Version(http.get(f"{spots_server.url}/version").text)
     assert version >= Version("3.18.0") and version.local.startswith("appliance.")
-    assert http.get(f"{demo_server.url}/health/live").status_code == 200
-    ready = http.get(f"{demo_server.url}/health/ready")
+    assert http.get(f"{spots_server.url}/health/live").status_code == 200
+    ready = http.get(f"{spots_server.url}/health/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
 
 
-def test_launch_markers_are_printed_in_order(demo_server):
-    assert demo_server.stdout_lines[:2] == ["__SERVER_RUNNING__", "STOP_INIT_MODEL"]
+def test_launch_markers_are_printed_in_order(spots_server):
+    assert spots_server.stdout_lines[:2] == ["__SERVER_RUNNING__", "STOP_INIT_MODEL"]
 
 
 @pytest.mark.parametrize("spot, verdict", [(False, True), (True, False)])
-def test_analyze_image_gives_the_verdict_and_the_rectangle_in_frame_pixels(demo_server, http, spot, verdict):
-    response = http.post(f"{demo_server.url}/analyze_image?response_type=context&data=lot-17", data=png(part_image(spot)))
+def test_analyze_image_gives_the_verdict_and_the_rectangle_in_frame_pixels(spots_server, http, spot, verdict):
+    response = http.post(f"{spots_server.url}/analyze_image?response_type=context&data=lot-17", data=png(part_image(spot)))
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("application/json")
     ctx = response.json()
@@ -70,19 +70,19 @@ def test_analyze_image_gives_the_verdict_and_the_rectangle_in_frame_pixels(demo_
         assert ctx["detectedRectangles"] == []
 
 
-def test_multipart_upload_like_curl_dash_f(demo_server, http):
-    response = http.post(f"{demo_server.url}/analyze_image", files={"file": ("part.jpg", jpeg(part_image(True)))})
+def test_multipart_upload_like_curl_dash_f(spots_server, http):
+    response = http.post(f"{spots_server.url}/analyze_image", files={"file": ("part.jpg", jpeg(part_image(True)))})
     assert response.status_code == 200 and response.json()["result"] is False
 
 
 @pytest.mark.parametrize("channels", [1, 3, 4])
-def test_raw_frames_gray_bgr_and_bgra(demo_server, http, channels):
+def test_raw_frames_gray_bgr_and_bgra(spots_server, http, channels):
     image = part_image(True)
     if channels == 1:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
     elif channels == 4:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2BGRA)
-    response = http.post(f"{demo_server.url}/analyze_raw_image?width=1920&height=1080", data=image.tobytes())
+    response = http.post(f"{spots_server.url}/analyze_raw_image?width=1920&height=1080", data=image.tobytes())
     assert response.status_code == 200, response.text
     assert response.json()["result"] is False
 
@@ -105,8 +105,8 @@ def test_bayer_rg8_frame_is_demosaiced_with_the_right_colours(tmp_path, serve, h
 
 @pytest.mark.parametrize("response_type", ["image", "annotated_image", "heatmap"])
 @pytest.mark.parametrize("in_body", [True, False])
-def test_image_responses_in_both_context_layouts(demo_server, http, response_type, in_body):
-    url = f"{demo_server.url}/analyze_image?response_type={response_type}&data=x"
+def test_image_responses_in_both_context_layouts(spots_server, http, response_type, in_body):
+    url = f"{spots_server.url}/analyze_image?response_type={response_type}&data=x"
     if in_body:
         url += "&context_in_body"
     response = http.post(url, data=png(part_image(True)))
@@ -132,20 +132,20 @@ def test_image_responses_in_both_context_layouts(demo_server, http, response_typ
         assert image.max() == 0  # no heat map in this flow: black
 
 
-def test_jpeg_answer_when_asked(demo_server, http):
-    response = http.post(f"{demo_server.url}/analyze_image?response_type=image&image_format=jpeg&context_in_body",
+def test_jpeg_answer_when_asked(spots_server, http):
+    response = http.post(f"{spots_server.url}/analyze_image?response_type=image&image_format=jpeg&context_in_body",
                          data=png(part_image(False)))
     length = int(response.headers["ImageLen"])
     assert response.content[:3] == b"\xff\xd8\xff"
     assert json.loads(response.content[length:])["result"] is True
 
 
-def test_shared_memory_frame_from_another_process(demo_server, http):
+def test_shared_memory_frame_from_another_process(spots_server, http):
     image = part_image(True)
     block = shared_memory.SharedMemory(create=True, size=image.nbytes)
     try:
         np.ndarray(image.shape, np.uint8, buffer=block.buf)[:] = image
-        response = http.post(f"{demo_server.url}/analyze_image_shared_memory?width=1920&height=1080&name={block.name}")
+        response = http.post(f"{spots_server.url}/analyze_image_shared_memory?width=1920&height=1080&name={block.name}")
         assert response.status_code == 200, response.text
         assert response.json()["result"] is False
         # The server never unlinks the client's block.
@@ -176,8 +176,8 @@ def test_api_key_from_query_header_or_bearer(tmp_path, serve, http):
     assert "s3cret-key" not in server.log_text()
 
 
-def test_a_project_without_a_key_needs_none(demo_server, http):
-    assert http.post(f"{demo_server.url}/analyze_image", data=png(part_image(False))).status_code == 200
+def test_a_project_without_a_key_needs_none(spots_server, http):
+    assert http.post(f"{spots_server.url}/analyze_image", data=png(part_image(False))).status_code == 200
 
 
 def test_stop_with_the_right_key_drains_and_exits_zero(tmp_path, serve, http):
@@ -189,8 +189,8 @@ def test_stop_with_the_right_key_drains_and_exits_zero(tmp_path, serve, http):
     assert server.process.wait(10) == 0
 
 
-def test_stop_without_a_stop_key_is_forbidden(demo_server, http):
-    response = http.get(f"{demo_server.url}/stop?key=abc")
+def test_stop_without_a_stop_key_is_forbidden(spots_server, http):
+    response = http.get(f"{spots_server.url}/stop?key=abc")
     assert response.status_code == 403
     assert response.json()["message"] == "stop is disabled for this project"
 

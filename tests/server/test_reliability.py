@@ -43,7 +43,7 @@ def error_of(response: requests.Response) -> tuple[int, str]:
 def still_serving(request):
     """After every case: /ping answers within 50 ms (the rule that applies everywhere)."""
     yield
-    for name in ("demo_server", "keyed"):
+    for name in ("spots_server", "keyed"):
         if name in request.fixturenames:
             server = request.getfixturevalue(name)
             started = time.perf_counter()
@@ -67,29 +67,29 @@ def test_1_1_unknown_path_lists_the_endpoints_without_asking_for_a_key(keyed):
 
 
 @pytest.mark.parametrize("method, path", [("GET", "/analyze_image"), ("PUT", "/analyze_raw_image")])
-def test_1_2_wrong_method_is_405_with_allow(demo_server, method, path):
-    response = requests.request(method, demo_server.url + path)
+def test_1_2_wrong_method_is_405_with_allow(spots_server, method, path):
+    response = requests.request(method, spots_server.url + path)
     status, message = error_of(response)
     assert status == 405 and response.headers["Allow"] == "POST"
     assert method in message
 
 
 @pytest.mark.parametrize("query, missing", [("?height=48", "width"), ("?width=64", "height")])
-def test_1_3_missing_dimension(demo_server, query, missing):
-    assert error_of(requests.post(demo_server.url + RAW + query, data=BGR_64x48)) == (
+def test_1_3_missing_dimension(spots_server, query, missing):
+    assert error_of(requests.post(spots_server.url + RAW + query, data=BGR_64x48)) == (
         400, f"missing query parameter '{missing}'")
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "+5", "1e3", "12.0", "0x10", "%205", "%D9%A3", "65536",
                                    "99999999999999999999"])
-def test_1_4_and_1_5_dimensions_must_be_plain_digits_in_range(demo_server, value):
-    status, message = error_of(requests.post(f"{demo_server.url}{RAW}?width={value}&height=48", data=BGR_64x48))
+def test_1_4_and_1_5_dimensions_must_be_plain_digits_in_range(spots_server, value):
+    status, message = error_of(requests.post(f"{spots_server.url}{RAW}?width={value}&height=48", data=BGR_64x48))
     assert status == 400
     assert message.startswith("width must be a whole number from 1 to 65535, got '")
 
 
-def test_1_6_too_many_pixels_is_refused_before_the_body_is_read(demo_server):
-    with socket.create_connection(("127.0.0.1", demo_server.port)) as sock:
+def test_1_6_too_many_pixels_is_refused_before_the_body_is_read(spots_server):
+    with socket.create_connection(("127.0.0.1", spots_server.port)) as sock:
         # Announce a body that never comes: the answer must not wait for it.
         sock.sendall(b"POST /analyze_raw_image?width=65535&height=65535 HTTP/1.1\r\nHost: x\r\n"
                      b"Content-Length: 12884508675\r\n\r\n")
@@ -99,15 +99,15 @@ def test_1_6_too_many_pixels_is_refused_before_the_body_is_read(demo_server):
     assert "frame 65535x65535 = 4294836225 pixels exceeds this project's max_frame_pixels 33554432" in head
 
 
-def test_1_7_unknown_response_type(demo_server):
-    assert error_of(requests.post(f"{demo_server.url}/analyze_image?response_type=xml", data=b"x")) == (
+def test_1_7_unknown_response_type(spots_server):
+    assert error_of(requests.post(f"{spots_server.url}/analyze_image?response_type=xml", data=b"x")) == (
         400, "response_type must be one of context, image, annotated_image, heatmap; got 'xml'")
 
 
 @pytest.mark.parametrize("value, accepted", [("", True), ("=1", True), ("=TRUE", True), ("=on", True),
                                              ("=0", True), ("=No", True), ("=maybe", False)])
-def test_1_8_boolean_flags(demo_server, value, accepted):
-    response = requests.post(f"{demo_server.url}/analyze_image?context_in_body{value}&response_type=image",
+def test_1_8_boolean_flags(spots_server, value, accepted):
+    response = requests.post(f"{spots_server.url}/analyze_image?context_in_body{value}&response_type=image",
                              data=png(part_image(False)))
     if accepted:
         assert response.status_code == 200
@@ -126,36 +126,36 @@ def test_1_9_an_overlong_request_line_gets_aiohttps_own_400_and_no_key_in_the_lo
     assert KEY not in keyed.log_text() and "aaaaaaaaaaaaaaaaaaaa" not in keyed.log_text()
 
 
-def test_1_9_a_long_data_value_within_max_data_bytes_fits(demo_server):
+def test_1_9_a_long_data_value_within_max_data_bytes_fits(spots_server):
     data = "%C3%A9" * 5000  # 10000 bytes of UTF-8, 30000 characters of request line
-    response = requests.post(f"{demo_server.url}/analyze_image?data={data}", data=png(part_image(False)))
+    response = requests.post(f"{spots_server.url}/analyze_image?data={data}", data=png(part_image(False)))
     assert response.status_code == 200 and response.json()["data"] == "é" * 5000
 
 
 @pytest.mark.parametrize("query, name", [("width=1&width=2&height=48", "width"), ("data=a&data=b", "data"),
                                          ("api_key=a&api_key=a", "api_key")])
-def test_1_10_duplicate_parameters(demo_server, query, name):
-    status, message = error_of(requests.post(f"{demo_server.url}{RAW}?{query}", data=BGR_64x48))
+def test_1_10_duplicate_parameters(spots_server, query, name):
+    status, message = error_of(requests.post(f"{spots_server.url}{RAW}?{query}", data=BGR_64x48))
     assert (status, message) == (400, f"query parameter '{name}' given 2 times")
 
 
-def test_1_11_unknown_parameters_are_ignored(demo_server):
-    response = requests.post(f"{demo_server.url}/analyze_image?foo=1&bar", data=png(part_image(False)))
+def test_1_11_unknown_parameters_are_ignored(spots_server):
+    response = requests.post(f"{spots_server.url}/analyze_image?foo=1&bar", data=png(part_image(False)))
     assert response.status_code == 200
 
 
-def test_1_12_data_over_the_limit(demo_server):
-    assert error_of(requests.post(f"{demo_server.url}/analyze_image?data={'x' * 20000}", data=b"x")) == (
+def test_1_12_data_over_the_limit(spots_server):
+    assert error_of(requests.post(f"{spots_server.url}/analyze_image?data={'x' * 20000}", data=b"x")) == (
         400, "data has 20000 bytes; limit is 16384")
 
 
-def test_1_13_data_that_is_not_utf8(demo_server):
-    assert error_of(requests.post(f"{demo_server.url}/analyze_image?data=%FF%FE", data=b"x")) == (
+def test_1_13_data_that_is_not_utf8(spots_server):
+    assert error_of(requests.post(f"{spots_server.url}/analyze_image?data=%FF%FE", data=b"x")) == (
         400, "data is not valid UTF-8")
 
 
-def test_1_14_the_literal_none_passes_through(demo_server):
-    response = requests.post(f"{demo_server.url}/analyze_image?data=None", data=png(part_image(False)))
+def test_1_14_the_literal_none_passes_through(spots_server):
+    response = requests.post(f"{spots_server.url}/analyze_image?data=None", data=png(part_image(False)))
     assert response.json()["data"] == "None"
 
 
@@ -183,15 +183,15 @@ def test_2_2_chunked_upload_growing_past_the_limit(keyed):
 
 
 @pytest.mark.parametrize("length", [64 * 48 * 3 - 1, 64 * 48 * 3 + 1, 64 * 48 * 2])
-def test_2_4_and_2_5_raw_body_of_the_wrong_size(demo_server, length):
-    status, message = error_of(requests.post(f"{demo_server.url}{RAW}?width=64&height=48", data=b"\0" * length))
+def test_2_4_and_2_5_raw_body_of_the_wrong_size(spots_server, length):
+    status, message = error_of(requests.post(f"{spots_server.url}{RAW}?width=64&height=48", data=b"\0" * length))
     assert (status, message) == (400, f"body has {length} bytes; width 64 x height 48 needs 3072 (gray) or 9216 (BGR)")
 
 
 @pytest.mark.parametrize("path, what", [("/analyze_image", "a JPEG/PNG image"),
                                         (RAW + "?width=64&height=48", "raw BGR/gray bytes")])
-def test_2_6_empty_body(demo_server, path, what):
-    assert error_of(requests.post(demo_server.url + path, data=b"")) == (400, f"request body is empty; send {what}")
+def test_2_6_empty_body(spots_server, path, what):
+    assert error_of(requests.post(spots_server.url + path, data=b"")) == (400, f"request body is empty; send {what}")
 
 
 def test_2_7_slow_upload_times_out_with_408(keyed):
@@ -217,26 +217,26 @@ def test_2_9_expect_continue_with_an_oversized_body_is_refused_without_100(keyed
 
 # 3. Encoded images
 
-def test_3_1_not_an_image(demo_server):
+def test_3_1_not_an_image(spots_server):
     for body in (b"hello world, this is text", b"PK\x03\x04" + b"\0" * 50, np.random.bytes(500)):
-        assert error_of(requests.post(f"{demo_server.url}/analyze_image", data=body)) == (
+        assert error_of(requests.post(f"{spots_server.url}/analyze_image", data=body)) == (
             415, "body is not a supported image (JPEG, PNG, BMP, TIFF, WebP)")
 
 
-def test_3_2_truncated_jpeg(demo_server):
+def test_3_2_truncated_jpeg(spots_server):
     body = jpeg(part_image(True))
-    assert error_of(requests.post(f"{demo_server.url}/analyze_image", data=body[: len(body) // 2])) == (
+    assert error_of(requests.post(f"{spots_server.url}/analyze_image", data=body[: len(body) // 2])) == (
         400, "truncated JPEG: end-of-image marker missing")
 
 
-def test_3_3_truncated_png(demo_server):
+def test_3_3_truncated_png(spots_server):
     body = png(part_image(True))
-    assert error_of(requests.post(f"{demo_server.url}/analyze_image", data=body[: len(body) // 2])) == (
+    assert error_of(requests.post(f"{spots_server.url}/analyze_image", data=body[: len(body) // 2])) == (
         400, "PNG could not be decoded (truncated or corrupt)")
 
 
-def test_3_4_content_type_is_ignored(demo_server):
-    response = requests.post(f"{demo_server.url}/analyze_image", data=jpeg(part_image(True)),
+def test_3_4_content_type_is_ignored(spots_server):
+    response = requests.post(f"{spots_server.url}/analyze_image", data=jpeg(part_image(True)),
                              headers={"Content-Type": "image/png"})
     assert response.json()["result"] is False
 
@@ -249,33 +249,33 @@ def bomb_png(width: int, height: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
 
 
-def test_3_5_decompression_bomb_is_refused_from_the_header(demo_server):
+def test_3_5_decompression_bomb_is_refused_from_the_header(spots_server):
     started = time.perf_counter()
-    response = requests.post(f"{demo_server.url}/analyze_image", data=bomb_png(100000, 100000))
+    response = requests.post(f"{spots_server.url}/analyze_image", data=bomb_png(100000, 100000))
     assert error_of(response) == (413, "image header claims 100000x100000 = 10000000000 pixels; "
                                         "max_frame_pixels is 33554432")
     assert time.perf_counter() - started < 0.5
 
 
-def test_3_13_multipart_without_a_file_field(demo_server):
-    response = requests.post(f"{demo_server.url}/analyze_image", files={"image": ("a.png", b"x"), "meta": (None, "1")})
+def test_3_13_multipart_without_a_file_field(spots_server):
+    response = requests.post(f"{spots_server.url}/analyze_image", files={"image": ("a.png", b"x"), "meta": (None, "1")})
     assert error_of(response) == (400, "multipart body has no 'file' field (fields present: image, meta)")
 
 
 # 4. Raw and Bayer frames
 
-def test_4_3_bayer_with_odd_dimensions(demo_server):
-    assert error_of(requests.post(f"{demo_server.url}{RAW}?width=63&height=48&bayer", data=b"\0" * 63 * 48)) == (
+def test_4_3_bayer_with_odd_dimensions(spots_server):
+    assert error_of(requests.post(f"{spots_server.url}{RAW}?width=63&height=48&bayer", data=b"\0" * 63 * 48)) == (
         400, "Bayer RG8 needs even width and height, got 63x48")
 
 
-def test_4_4_bayer_with_a_bgr_sized_body(demo_server):
-    assert error_of(requests.post(f"{demo_server.url}{RAW}?width=64&height=48&bayer", data=BGR_64x48)) == (
+def test_4_4_bayer_with_a_bgr_sized_body(spots_server):
+    assert error_of(requests.post(f"{spots_server.url}{RAW}?width=64&height=48&bayer", data=BGR_64x48)) == (
         400, "Bayer RG8 body has 9216 bytes; width 64 x height 48 needs 3072")
 
 
-def test_4_6_a_one_pixel_frame_gets_a_flow_error_not_a_500(demo_server):
-    response = requests.post(f"{demo_server.url}{RAW}?width=1&height=1", data=b"\0\0\0")
+def test_4_6_a_one_pixel_frame_gets_a_flow_error_not_a_500(spots_server):
+    response = requests.post(f"{spots_server.url}{RAW}?width=1&height=1", data=b"\0\0\0")
     assert response.status_code == 200
     ctx = response.json()
     assert ctx["result"] is False
@@ -328,24 +328,24 @@ def test_5_8_stop_with_a_wrong_key_is_401_and_the_api_key_is_not_a_stop_key(keye
 # 6. Shared memory
 
 @pytest.mark.parametrize("name", ["../etc/passwd", "a/b", "..", ".", "", "x" * 201, "a%00b"])
-def test_6_2_names_with_path_tricks(demo_server, name):
+def test_6_2_names_with_path_tricks(spots_server, name):
     status, message = error_of(requests.post(
-        f"{demo_server.url}/analyze_image_shared_memory?width=64&height=48&name={name}"))
+        f"{spots_server.url}/analyze_image_shared_memory?width=64&height=48&name={name}"))
     assert (status, message) == (400, "invalid shared memory name")
 
 
-def test_6_3_missing_segment(demo_server):
-    assert error_of(requests.post(f"{demo_server.url}/analyze_image_shared_memory?width=64&height=48&name=psm_x")) == (
+def test_6_3_missing_segment(spots_server):
+    assert error_of(requests.post(f"{spots_server.url}/analyze_image_shared_memory?width=64&height=48&name=psm_x")) == (
         400, "shared memory segment 'psm_x' not found")
 
 
-def test_6_6_segment_of_the_wrong_size(demo_server):
+def test_6_6_segment_of_the_wrong_size(spots_server):
     from multiprocessing import shared_memory
 
     block = shared_memory.SharedMemory(create=True, size=4096)
     try:
         response = requests.post(
-            f"{demo_server.url}/analyze_image_shared_memory?width=1920&height=1080&name={block.name}")
+            f"{spots_server.url}/analyze_image_shared_memory?width=1920&height=1080&name={block.name}")
         assert error_of(response) == (400, f"segment '{block.name}' has 4096 bytes; width 1920 x height 1080 needs "
                                            "2073600 (gray) or 6220800 (BGR)")
     finally:
@@ -353,7 +353,7 @@ def test_6_6_segment_of_the_wrong_size(demo_server):
         block.unlink()
 
 
-def test_6_10_segment_survives_and_no_descriptor_is_left_in_the_server(demo_server):
+def test_6_10_segment_survives_and_no_descriptor_is_left_in_the_server(spots_server):
     import os
     from multiprocessing import shared_memory
 
@@ -363,10 +363,10 @@ def test_6_10_segment_survives_and_no_descriptor_is_left_in_the_server(demo_serv
         np.ndarray(image.shape, np.uint8, buffer=block.buf)[:] = image
         for _ in range(5):
             response = requests.post(
-                f"{demo_server.url}/analyze_image_shared_memory?width=1920&height=1080&name={block.name}")
+                f"{spots_server.url}/analyze_image_shared_memory?width=1920&height=1080&name={block.name}")
             assert response.json()["result"] is False
         assert os.path.exists(f"/dev/shm/{block.name}")
-        fd_dir = f"/proc/{demo_server.process.pid}/fd"
+        fd_dir = f"/proc/{spots_server.process.pid}/fd"
         targets = []
         for fd in os.listdir(fd_dir):
             try:
@@ -442,14 +442,14 @@ def test_code_nodes_are_refused_when_code_is_disabled(tmp_path):
     assert "nodes.h.type: Code nodes are disabled for this project (--disable-code)" in check.stdout
 
 
-def test_1_15_a_body_on_shared_memory_is_not_read(demo_server):
+def test_1_15_a_body_on_shared_memory_is_not_read(spots_server):
     from multiprocessing import shared_memory
 
     image = part_image(False)
     block = shared_memory.SharedMemory(create=True, size=image.nbytes)
     try:
         np.ndarray(image.shape, np.uint8, buffer=block.buf)[:] = image
-        response = requests.post(f"{demo_server.url}/analyze_image_shared_memory?width=1920&height=1080"
+        response = requests.post(f"{spots_server.url}/analyze_image_shared_memory?width=1920&height=1080"
                                  f"&name={block.name}", data=b"ignored" * 1000)
         assert response.status_code == 200 and response.json()["result"] is True
         assert response.headers.get("Connection") == "close"
@@ -458,8 +458,8 @@ def test_1_15_a_body_on_shared_memory_is_not_read(demo_server):
         block.unlink()
 
 
-def test_2_3_conflicting_framing_gets_aiohttps_plain_400(demo_server):
-    with socket.create_connection(("127.0.0.1", demo_server.port)) as sock:
+def test_2_3_conflicting_framing_gets_aiohttps_plain_400(spots_server):
+    with socket.create_connection(("127.0.0.1", spots_server.port)) as sock:
         sock.sendall(b"POST /analyze_image HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
         sock.settimeout(5)

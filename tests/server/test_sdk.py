@@ -25,8 +25,8 @@ def spot_png(tmp_path_factory) -> str:
 
 @pytest.mark.parametrize("response_type", RESPONSE_TYPES)
 @pytest.mark.parametrize("context_in_body", [True, False])
-def test_sdk_analyses_a_path_bytes_and_a_numpy_frame(demo_server, spot_png, response_type, context_in_body):
-    client = Instance(port=demo_server.port, host="127.0.0.1", already_running=True,
+def test_sdk_analyses_a_path_bytes_and_a_numpy_frame(spots_server, spot_png, response_type, context_in_body):
+    client = Instance(port=spots_server.port, host="127.0.0.1", already_running=True,
                       context_in_body=context_in_body)
     assert client._can_use_shm  # our /version makes the client use shared memory for numpy frames
     frame = part_image(True)
@@ -46,16 +46,16 @@ def test_sdk_analyses_a_path_bytes_and_a_numpy_frame(demo_server, spot_png, resp
                 assert decoded[380, 600].tolist() == [20, 20, 20]
 
 
-def test_sdk_numpy_frames_of_changing_shape_reuse_and_replace_the_block(demo_server):
-    client = Instance(port=demo_server.port, already_running=True)
+def test_sdk_numpy_frames_of_changing_shape_reuse_and_replace_the_block(spots_server):
+    client = Instance(port=spots_server.port, already_running=True)
     for height in (1080, 1080, 1200):
         result = client.analyze(part_image(False, 1920, height))
         assert result.context["imageShape"] == {"height": height, "width": 1920}
         assert result.context["result"] is True
 
 
-def test_sdk_sees_errors_as_the_context(demo_server):
-    client = Instance(port=demo_server.port, already_running=True)
+def test_sdk_sees_errors_as_the_context(spots_server):
+    client = Instance(port=spots_server.port, already_running=True)
     result = client.analyze(b"not an image at all")
     assert result.context == {"status": 415, "message": "body is not a supported image (JPEG, PNG, BMP, TIFF, WebP)",
                               "data": None}
@@ -71,9 +71,9 @@ def test_sdk_launches_our_server_through_a_pekat_vision_wrapper(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
     (project / "pekat_package.json").write_text(json.dumps({"name": "launched"}))
-    (project / "project.yaml").write_text(f"name: launched\nflow: {REPO}/flows/demo.yaml\n")
+    (project / "project.yaml").write_text(f"name: launched\nflow: {REPO}/flows/dark_spots.yaml\n")
     (project / "code").mkdir()
-    (project / "code" / "dark_spots.py").write_text((REPO / "projects/demo/code/dark_spots.py").read_text())
+    (project / "code" / "dark_spots.py").write_text((REPO / "projects/dark-spots/code/dark_spots.py").read_text())
     port = free_port()
     client = Instance(project_path=project, dist_path=dist, port=port, wait_for_init_model=True)
     try:
@@ -86,7 +86,7 @@ def test_sdk_launches_our_server_through_a_pekat_vision_wrapper(tmp_path):
     assert (project / "logs" / "appliance.log").exists()
 
 
-def test_sdk_gets_port_is_allocated_when_the_port_is_taken(demo_server, tmp_path):
+def test_sdk_gets_port_is_allocated_when_the_port_is_taken(spots_server, tmp_path):
     from PekatVisionSDK.errors import PortIsAllocatedError
 
     dist = tmp_path / "dist"
@@ -97,9 +97,9 @@ def test_sdk_gets_port_is_allocated_when_the_port_is_taken(demo_server, tmp_path
     project = tmp_path / "project"
     project.mkdir()
     (project / "pekat_package.json").write_text("{}")
-    (project / "project.yaml").write_text(f"name: taken\nflow: {REPO}/flows/demo.yaml\n")
+    (project / "project.yaml").write_text(f"name: taken\nflow: {REPO}/flows/dark_spots.yaml\n")
     (project / "code").mkdir()
-    (project / "code" / "dark_spots.py").write_text((REPO / "projects/demo/code/dark_spots.py").read_text())
+    (project / "code" / "dark_spots.py").write_text((REPO / "projects/dark-spots/code/dark_spots.py").read_text())
     with pytest.raises(PortIsAllocatedError):
-        Instance(project_path=project, dist_path=dist, port=demo_server.port, ping=False)
+        Instance(project_path=project, dist_path=dist, port=spots_server.port, ping=False)
     assert os.path.exists(project)
