@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 # Keys that hold arrays or control flags and never go to the client (PROTOCOL.md 2).
-PRIVATE_KEYS = frozenset({"image", "heatmaps", "exit", "items"})
+# `request`: the query parameters the flow lets a request set (overrides, lang), read by the nodes.
+PRIVATE_KEYS = frozenset({"image", "heatmaps", "exit", "items", "request"})
 
 
 class Context(dict):
@@ -27,7 +28,8 @@ class Context(dict):
         self.to_frame = np.eye(3)
 
     @classmethod
-    def for_frame(cls, image: np.ndarray, data: str, warnings: list[str] | None = None) -> Context:
+    def for_frame(cls, image: np.ndarray, data: str, warnings: list[str] | None = None,
+                  request: dict[str, Any] | None = None) -> Context:
         ctx = cls(
             result=None, processing=True, error=False, errors=[],
             imageShape={"height": int(image.shape[0]), "width": int(image.shape[1])},
@@ -37,6 +39,8 @@ class Context(dict):
         )
         if warnings:
             ctx["warnings"] = list(warnings)
+        if request:
+            ctx["request"] = dict(request)
         return ctx
 
     def transform_image(self, image: np.ndarray, image_to_previous: np.ndarray) -> None:

@@ -10,7 +10,7 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from appliance.config.loader import ProjectFiles, load_project_files, sorted_problems
 from appliance.context import Context, finish
@@ -86,10 +86,23 @@ class Project:
         hooks = self.env.extras.get("hooks")
         return hooks.stuck if hooks is not None else 0
 
-    def inspect(self, frame: Frame, data: str) -> Context:
-        """Run the flow on one frame; never raises for a problem inside the flow (it is in `errors`)."""
+    @property
+    def override_ranges(self) -> dict[str, tuple[float, float]]:
+        """Query parameters some node lets a request set, each with the range every such node accepts."""
+        ranges: dict[str, tuple[float, float]] = {}
+        for node in self.graph.nodes.values():
+            for name in getattr(node.settings, "overrides", ()):
+                low, high = node.override_ranges[name]
+                if name in ranges:
+                    low, high = max(low, ranges[name][0]), min(high, ranges[name][1])
+                ranges[name] = (low, high)
+        return ranges
+
+    def inspect(self, frame: Frame, data: str, request: dict[str, Any] | None = None) -> Context:
+        """Run the flow on one frame; never raises for a problem inside the flow (it is in `errors`).
+        ``request``: the validated overrides and ``lang`` of the query (see server/params.py)."""
         started = time.perf_counter()
-        ctx = Context.for_frame(frame.image, data, frame.warnings)
+        ctx = Context.for_frame(frame.image, data, frame.warnings, request)
         ctx = self.runner.run(ctx)
         finish(ctx, started)
         return ctx

@@ -15,16 +15,14 @@ import numpy as np
 from pydantic import Field, NonNegativeInt, PositiveFloat
 
 from appliance.context import Context
-from appliance.nodes.base import Node, NodeEnvironment, NodeError, NodeSettings
+from appliance.nodes.base import ModelNodeSettings, Node, NodeEnvironment, NodeError, requested
 from appliance.runtime.models import ModelSlot
 from appliance.runtime.spec import read_spec
 from appliance.runtime.store import StoreError, resolve_version
 
 
-class AnomalySettings(NodeSettings):
+class AnomalySettings(ModelNodeSettings):
     type: Literal["anomaly@1"]
-    model: str = Field(min_length=1, description="model name in the project's model store")
-    device: str | None = Field(None, description="OpenVINO device for this node instead of the profile's")
     threshold: PositiveFloat | None = Field(None, description="image-score threshold instead of the model's")
     pixel_threshold: PositiveFloat | None = None
     min_area: NonNegativeInt = Field(16, description="smallest region reported, in pixels of the node's image")
@@ -40,9 +38,13 @@ def _output_names(outputs: Any) -> tuple[str, str]:
 
 class Anomaly(Node[AnomalySettings]):
     settings_model = AnomalySettings
+    # Anomaly scores are distances, not probabilities: any positive threshold.
+    override_ranges = {"threshold": (1e-6, 1e6)}
 
     @classmethod
     def check(cls, settings: AnomalySettings, env: NodeEnvironment) -> list[tuple[tuple[str | int, ...], str]]:
+        if set(settings.overrides) - {"threshold"}:
+            return [(("overrides",), "anomaly@1 takes only `threshold` from a request")]
         store = env.project_dir / env.config.models_dir
         try:
             spec = read_spec(resolve_version(store, settings.model))
@@ -80,7 +82,7 @@ class Anomaly(Node[AnomalySettings]):
         score = float(np.asarray(outputs[score_name]).reshape(-1)[0])
         raw_map = np.asarray(outputs[map_name], np.float32)
         anomaly_map: np.ndarray = raw_map.reshape(raw_map.shape[-2], raw_map.shape[-1])
-        threshold = self.settings.threshold or loaded.spec.threshold
+        threshold = requested(ctx, self.settings, "threshold", self.settings.threshold or loaded.spec.threshold)
         assert threshold is not None  # check() refuses a model without one
         pixel_threshold = self.settings.pixel_threshold or loaded.spec.pixel_threshold or threshold
         ctx["score"], ctx["threshold"] = score, float(threshold)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from appliance.config.project import ProjectConfig
     from appliance.context import Context
     from appliance.runtime.models import Runtime
+    from appliance.runtime.spec import LabelSpec
 
 
 class NodeSettings(BaseModel):
@@ -22,6 +23,36 @@ class NodeSettings(BaseModel):
     type: str
     next: list[str] = Field(default_factory=list, description="ids of the nodes that follow this one")
     description: str = ""
+
+
+# Query parameters a request may set for a node, when the node lists them in `overrides` (the flow decides).
+Overridable = Literal["threshold", "max_labels", "min_confidence"]
+
+
+class ModelNodeSettings(NodeSettings):
+    """Settings of a node that runs a model of the project's store."""
+
+    model: str = Field(min_length=1, description="model name in the project's model store")
+    device: str | None = Field(None, description="OpenVINO device for this node instead of the profile's")
+    overrides: list[Overridable] = Field(default_factory=list, description="query parameters a request may "
+                                         "set for this node, e.g. [threshold, max_labels]")
+
+
+def requested(ctx: Context, settings: NodeSettings, name: Overridable, configured: Any) -> Any:
+    """The request's value of ``name`` when this node allows it (``overrides``), else ``configured``."""
+    if name in getattr(settings, "overrides", ()):
+        value = (ctx.get("request") or {}).get(name)
+        if value is not None:
+            return value
+    return configured
+
+
+def label_name(label: LabelSpec, ctx: Context) -> str:
+    """The label's name in the request's ``lang`` (``de-AT`` falls back to ``de``), else its default name."""
+    lang = (ctx.get("request") or {}).get("lang")
+    if lang and label.names:
+        return label.names.get(lang) or label.names.get(lang.split("-")[0]) or label.name
+    return label.name
 
 
 @dataclass
@@ -46,6 +77,9 @@ class Node(Generic[SettingsT]):
     """A node is a synchronous function of the context, run in a worker thread, never on the event loop."""
 
     settings_model: ClassVar[type[NodeSettings]]
+    # Allowed range of each query parameter a request may set for this node type (see ModelNodeSettings).
+    override_ranges: ClassVar[dict[str, tuple[float, float]]] = {
+        "threshold": (0.0, 1.0), "min_confidence": (0.0, 1.0), "max_labels": (1, 1000)}
 
     def __init__(self, node_id: str, settings: SettingsT, env: NodeEnvironment):
         self.id = node_id

@@ -65,9 +65,12 @@ class ServerState:
     # When a worker last finished a request: the systemd watchdog pings only while workers progress.
     last_progress: float = field(default_factory=time.monotonic)
     semaphore: asyncio.Semaphore = field(init=False)
+    # The query parameters the flow's nodes let a request set, with their ranges (fixed by the flow).
+    override_ranges: dict[str, tuple[float, float]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.semaphore = asyncio.Semaphore(self.slots)
+        self.override_ranges = self.project.override_ranges
 
 
 STATE = web.AppKey("state", ServerState)
@@ -238,7 +241,7 @@ def _worker(state: ServerState, decode: Callable[[], frames.Frame], query: param
 
     def work() -> Answer:
         frame = decode()
-        ctx = project.inspect(frame, query.data)
+        ctx = project.inspect(frame, query.data, query.request)
         state.last = ctx
         verdict = "ok" if ctx.get("result") else "ng"
         state.metrics.verdicts.labels(verdict).inc()
@@ -258,7 +261,8 @@ def _begin(request: web.Request) -> tuple[ServerState, dict[str, bytes], params.
     state = request.app[STATE]
     query = params.parse_query(request.rel_url.raw_query_string)
     require_key(request, query, state.project.api_key)
-    analyze = params.analyze_params(query, max_data_bytes=state.project.config.limits.max_data_bytes)
+    analyze = params.analyze_params(query, max_data_bytes=state.project.config.limits.max_data_bytes,
+                                    ranges=state.override_ranges)
     return state, query, analyze
 
 

@@ -17,9 +17,13 @@ IMAGE_FORMATS = ("png", "jpeg")
 _TRUE = frozenset({"", "1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _DIMENSION = re.compile(r"[0-9]{1,5}")
+# Node settings a request may replace where the flow allows it (a node's `overrides`), and the label language.
+OVERRIDES = ("threshold", "max_labels", "min_confidence")
+_LANG = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})?")
+_NUMBER = re.compile(r"[0-9]{1,6}(\.[0-9]{1,9})?")
 # Names this server reads: each may appear once (RELIABILITY 1.10). Others are ignored (1.11).
 KNOWN = ("response_type", "data", "context_in_body", "api_key", "width", "height", "bayer", "name", "key",
-         "image_format", "jpeg_quality", "model", "version")
+         "image_format", "jpeg_quality", "model", "version", "lang", *OVERRIDES)
 
 
 def parse_query(raw_query: str) -> dict[str, bytes]:
@@ -52,6 +56,8 @@ class AnalyzeParams:
     context_in_body: bool
     image_format: str | None
     jpeg_quality: int | None
+    # For the flow's nodes: validated overrides (threshold, max_labels, min_confidence) and lang.
+    request: dict[str, float | int | str]
 
 
 def text(query: dict[str, bytes], name: str) -> str:
@@ -85,7 +91,33 @@ def dimension(query: dict[str, bytes], name: str) -> int:
     return int(text)
 
 
-def analyze_params(query: dict[str, bytes], *, max_data_bytes: int) -> AnalyzeParams:
+def request_options(query: dict[str, bytes], ranges: dict[str, tuple[float, float]]) -> dict[str, float | int | str]:
+    """`lang` and the overrides the flow allows (``ranges``: name -> accepted range); anything else is a 400."""
+    options: dict[str, float | int | str] = {}
+    if "lang" in query:
+        lang = query["lang"].decode("ascii", "replace")
+        if not _LANG.fullmatch(lang):
+            raise BadRequest(f"lang must be a language code such as en or de-AT, got '{lang[:20]}'")
+        options["lang"] = lang.lower()
+    for name in OVERRIDES:
+        if name not in query:
+            continue
+        text = query[name].decode("ascii", "replace")
+        if name not in ranges:
+            raise BadRequest(f"{name} cannot be set by a request in this project: no node of its flow lists "
+                             f"it in `overrides`")
+        low, high = ranges[name]
+        whole = name == "max_labels"
+        pattern = _DIMENSION if whole else _NUMBER
+        if not pattern.fullmatch(text) or not low <= float(text) <= high:
+            kind = "a whole number" if whole else "a number"
+            raise BadRequest(f"{name} must be {kind} from {low:g} to {high:g}, got '{text[:20]}'")
+        options[name] = int(text) if whole else float(text)
+    return options
+
+
+def analyze_params(query: dict[str, bytes], *, max_data_bytes: int,
+                   ranges: dict[str, tuple[float, float]] | None = None) -> AnalyzeParams:
     response_type = _text("response_type", query.get("response_type", b"context")) or "context"
     if response_type not in RESPONSE_TYPES:
         raise BadRequest(f"response_type must be one of {', '.join(RESPONSE_TYPES)}; got '{response_type[:40]}'")
@@ -111,4 +143,5 @@ def analyze_params(query: dict[str, bytes], *, max_data_bytes: int) -> AnalyzePa
         context_in_body=flag(query, "context_in_body"),
         image_format=image_format,
         jpeg_quality=jpeg_quality,
+        request=request_options(query, ranges or {}),
     )
