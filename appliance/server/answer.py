@@ -39,8 +39,8 @@ def _frame_to_image(ctx: Context) -> np.ndarray:
     return np.linalg.inv(ctx.to_frame)
 
 
-def render_heatmap(ctx: Context) -> np.ndarray:
-    """The heat maps, colour-mapped onto the final image's geometry; black where there is none."""
+def _heat(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+    """The heat maps (values 0..1) combined on the final image's geometry, and where any covers it."""
     image = ctx["image"]
     height, width = image.shape[:2]
     combined = np.zeros((height, width), np.float32)
@@ -53,7 +53,17 @@ def render_heatmap(ctx: Context) -> np.ndarray:
         inside = warped >= 0
         combined = np.where(inside, np.maximum(combined, warped), combined)
         covered |= inside
-    colored = cv2.applyColorMap(np.clip(combined * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    return np.clip(combined, 0, 1), covered
+
+
+def _colour(heat: np.ndarray) -> np.ndarray:
+    return cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
+
+
+def render_heatmap(ctx: Context) -> np.ndarray:
+    """The heat maps, colour-mapped onto the final image's geometry; black where there is none."""
+    heat, covered = _heat(ctx)
+    colored = _colour(heat)
     colored[~covered] = 0
     return colored
 
@@ -61,9 +71,11 @@ def render_heatmap(ctx: Context) -> np.ndarray:
 def render_annotated(ctx: Context) -> np.ndarray:
     image = _bgr(ctx["image"]).copy()
     if ctx.get("heatmaps"):
-        heat = render_heatmap(ctx)
-        mask = heat.any(axis=2)
-        image[mask] = cv2.addWeighted(image, 0.5, heat, 0.5, 0)[mask]
+        heat, covered = _heat(ctx)
+        # Nodes scale their maps so that 0.5 is their pixel threshold: faint below it, so the part stays
+        # visible where nothing is wrong, and more opaque the further above it.
+        alpha = np.where(covered, 0.15 + 0.55 * np.clip(2 * heat - 1, 0, 1), 0.0)[:, :, None]
+        image = (image * (1 - alpha) + _colour(heat) * alpha).astype(np.uint8)
     to_image = _frame_to_image(ctx)
     for rectangle in ctx.get("detectedRectangles") or []:
         try:
