@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from appliance.nodes.anomaly import Anomaly
 from appliance.nodes.base import Node, type_tag
+from appliance.nodes.classify import Classify
 from appliance.nodes.code import Code
 from appliance.nodes.color import Color
 from appliance.nodes.crop import Crop
@@ -25,5 +26,6 @@ NODE_TYPES: dict[str, type[Node]] = {
         Code,
         Evaluate,
         Anomaly,
+        Classify,
     )
 }

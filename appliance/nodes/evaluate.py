@@ -43,13 +43,22 @@ class ScoreBelow(_Rule):
     threshold: float | None = None
 
 
+class TopClass(_Rule):
+    """The best label predicted by a classify@1 node (the last one, or `node`) is one of `labels`."""
+
+    rule: Literal["top_class"]
+    labels: list[str] = Field(min_length=1)
+    node: str | None = None
+
+
 class KeyEquals(_Rule):
     rule: Literal["key_equals"]
     key: str = Field(min_length=1)
     value: Any
 
 
-Rule = Annotated[NoRectangles | MaxRectangles | MinRectangles | ScoreBelow | KeyEquals, Field(discriminator="rule")]
+Rule = Annotated[NoRectangles | MaxRectangles | MinRectangles | ScoreBelow | TopClass | KeyEquals,
+                 Field(discriminator="rule")]
 
 
 class EvaluateSettings(NodeSettings):
@@ -84,6 +93,15 @@ def _passes(rule: Any, ctx: Context) -> tuple[bool, str]:
         if not isinstance(score, (int, float)) or not isinstance(threshold, (int, float)):
             return False, "no score or threshold in the context (is there an anomaly node before this one?)"
         return score < threshold, f"score {score:.4g}, threshold {threshold:.4g}"
+    if isinstance(rule, TopClass):
+        results = [r for r in ctx.get("classification") or [] if rule.node is None or r.get("node") == rule.node]
+        if not results:
+            return False, "no classification in the context (is there a classify node before this one?)"
+        predicted = results[-1].get("predicted") or []
+        if not predicted:
+            return False, "no label reached its threshold"
+        top = predicted[0]["label_name"]
+        return top in rule.labels, f"top class {top!r} ({predicted[0]['score']:.2f})"
     present = rule.key in ctx
     actual = ctx.get(rule.key)
     return present and actual == rule.value, f"{rule.key} is {actual!r}" if present else f"{rule.key} is not set"

@@ -1,0 +1,139 @@
+"""classify@1: the top labels of a classification model for the image (or the ROI before it).
+
+Exclusive labels (one class per image, the spec's `exclusive: true`) are scored with softmax, multi-label
+models with a sigmoid per label, unless the model already outputs probabilities. A label is predicted when
+its score reaches its threshold (`thresholds` per label name, else `threshold`); the rest are discarded and
+listed only with `show_discarded`. Results go to `classNames` (PEKAT's shape: id, label, confidence in
+percent, colour) and `classification` (scores and thresholds); an evaluate@1 rule `top_class` turns them into
+the verdict.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+from pydantic import Field, PositiveInt
+
+from appliance.context import Context
+from appliance.nodes.base import ModelNodeSettings, Node, NodeEnvironment, NodeError, label_name, requested
+from appliance.runtime.models import LoadedModel, ModelSlot
+from appliance.runtime.spec import LabelSpec, read_spec
+from appliance.runtime.store import StoreError, resolve_version
+
+
+class ClassifySettings(ModelNodeSettings):
+    type: Literal["classify@1"]
+    threshold: float = Field(0.5, ge=0, le=1, description="score a label needs to be predicted")
+    thresholds: dict[str, float] = Field(default_factory=dict, description="per label name, instead of threshold")
+    max_predictions: PositiveInt = Field(5, description="predicted (and discarded) labels listed at most")
+    show_discarded: bool = Field(False, description="also list the best labels under their threshold")
+    # stretch: the whole image to the model's input; center_crop: the largest centred square first (how
+    # ImageNet models were evaluated); the image's edges are then not seen.
+    fit: Literal["stretch", "center_crop"] = "stretch"
+    # auto: probabilities when the outputs already are (all in 0..1, summing to 1 for exclusive labels).
+    activation: Literal["auto", "softmax", "sigmoid", "none"] = "auto"
+
+
+def _crop_centre(image: np.ndarray) -> np.ndarray:
+    height, width = image.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return image[top:top + side, left:left + side]
+
+
+def scores_from_outputs(raw: np.ndarray, exclusive: bool, activation: str) -> np.ndarray:
+    """Probabilities from a model's class outputs (1-D)."""
+    values = raw.astype(np.float64).reshape(-1)
+    if activation == "auto":
+        looks_like_probabilities = values.min() >= 0 and values.max() <= 1 and (
+            not exclusive or abs(values.sum() - 1) < 1e-3)
+        activation = "none" if looks_like_probabilities else ("softmax" if exclusive else "sigmoid")
+    if activation == "softmax":
+        shifted = np.exp(values - values.max())
+        return shifted / shifted.sum()
+    if activation == "sigmoid":
+        return 1 / (1 + np.exp(-np.clip(values, -60, 60)))
+    return values
+
+
+class Classify(Node[ClassifySettings]):
+    settings_model = ClassifySettings
+
+    @classmethod
+    def check(cls, settings: ClassifySettings, env: NodeEnvironment) -> list[tuple[tuple[str | int, ...], str]]:
+        store = env.project_dir / env.config.models_dir
+        try:
+            spec = read_spec(resolve_version(store, settings.model))
+        except StoreError as error:
+            return [(("model",), f"{error}; put a version in {store / settings.model}/<version>/ "
+                                 "(network, spec.yaml, manifest.json) and name it in its `current` file")]
+        if spec.task != "classify":
+            return [(("model",), f"model '{settings.model}' is a {spec.task} model, not a classify model")]
+        names = {label.name for label in spec.labels}
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for name, value in settings.thresholds.items():
+            if name not in names:
+                problems.append((("thresholds", name), f"model '{settings.model}' has no label '{name}'"))
+            elif not 0 <= value <= 1:
+                problems.append((("thresholds", name), f"must be from 0 to 1, got {value}"))
+        return problems
+
+    def prepare(self) -> None:
+        assert self.env.runtime is not None
+        self.slot: ModelSlot = self.env.runtime.slot(self.settings.model, self.settings.device)
+        if self.slot.current is None:
+            self.slot.load()
+
+    def _label(self, loaded: LoadedModel, index: int) -> LabelSpec:
+        """The spec's label for output ``index`` (labels are keyed by id), or a name made from the index."""
+        if getattr(self, "_labels_of", None) is not loaded:  # a version switch brings other labels
+            self._labels_by_id = {label.id: label for label in loaded.spec.labels}
+            self._labels_of = loaded
+        return self._labels_by_id.get(index) or LabelSpec(id=index, name=f"class {index}", color=None)
+
+    def run(self, ctx: Context) -> None:
+        loaded = self.slot.current
+        assert loaded is not None
+        image = ctx["image"]
+        if image.ndim == 2:
+            image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+        if image.shape[0] < 2 or image.shape[1] < 2:
+            raise NodeError(f"image {image.shape[1]}x{image.shape[0]} is too small for model '{loaded.name}'")
+        if self.settings.fit == "center_crop":
+            image = _crop_centre(image)
+        model_h, model_w = loaded.input_size
+        interpolation = cv2.INTER_AREA if image.shape[0] * image.shape[1] > model_h * model_w else cv2.INTER_LINEAR
+        outputs = loaded.infer(cv2.resize(image, (model_w, model_h), interpolation=interpolation)[None])
+        scores = scores_from_outputs(outputs[loaded.output_names[0]], loaded.spec.exclusive, self.settings.activation)
+        default = float(requested(ctx, self.settings, "threshold",
+                                  requested(ctx, self.settings, "min_confidence", self.settings.threshold)))
+        overridden = default != self.settings.threshold
+        limit = int(requested(ctx, self.settings, "max_labels", self.settings.max_predictions))
+        predicted: list[dict[str, Any]] = []
+        discarded: list[dict[str, Any]] = []
+        colours: list[str | None] = []
+        for index in np.argsort(-scores, kind="stable"):
+            if len(predicted) >= limit and (not self.settings.show_discarded or len(discarded) >= limit):
+                break
+            label = self._label(loaded, int(index))
+            # A request's threshold replaces the per-label ones too: the caller asked for one bar.
+            threshold = default if overridden else self.settings.thresholds.get(label.name, default)
+            entry = {"label_id": label.id, "label_name": label_name(label, ctx), "score": float(scores[index]),
+                     "threshold": threshold}
+            if scores[index] >= threshold and len(predicted) < limit:
+                predicted.append(entry)
+                colours.append(label.color)
+            elif self.settings.show_discarded and len(discarded) < limit:
+                discarded.append(entry)
+        ctx["classNames"] = [
+            {"id": entry["label_id"], "label": entry["label_name"], "confidence": round(entry["score"] * 100),
+             **({"color": colour} if colour else {})}
+            for entry, colour in zip(predicted, colours, strict=True)]
+        result: dict[str, Any] = {"node": self.id, "predicted": predicted}
+        if self.settings.show_discarded:
+            result["discarded"] = discarded
+        ctx.setdefault("classification", []).append(result)
+        ctx.setdefault("models", []).append({"node": self.id, "model": loaded.name, "version": loaded.version,
+                                            "device": loaded.device})
