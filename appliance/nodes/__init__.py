@@ -13,6 +13,7 @@ from appliance.nodes.flip import Flip
 from appliance.nodes.mask import Mask
 from appliance.nodes.resize import Resize
 from appliance.nodes.rotate import Rotate
+from appliance.nodes.segment import Segment
 
 NODE_TYPES: dict[str, type[Node]] = {
     type_tag(node.settings_model): node
@@ -27,5 +28,6 @@ NODE_TYPES: dict[str, type[Node]] = {
         Evaluate,
         Anomaly,
         Classify,
+        Segment,
     )
 }

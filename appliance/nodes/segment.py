@@ -1,0 +1,146 @@
+"""segment@1 (PEKAT's Surface Detector): a per-pixel segmentation model; connected regions out as rectangles.
+
+The model returns either per-class maps, 1 x C x H x W (probabilities or logits; C = 1 is one foreground
+class), or a class map, 1 x H x W or 1 x 1 x H x W of integer class ids. A pixel belongs to a class when that
+class is its best and its probability reaches `threshold`. Each connected region of a class (not the
+`background` one) of at least `min_area` pixels becomes a rectangle with the label, its area and its mean
+probability; the foreground probability is the heat map; `surfaceClasses` sums area and regions per class.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+from pydantic import Field, NonNegativeInt
+
+from appliance.context import Context
+from appliance.nodes.base import ModelNodeSettings, Node, NodeEnvironment, NodeError, label_name, requested
+from appliance.runtime.models import LoadedModel, ModelSlot
+from appliance.runtime.spec import LabelSpec, read_spec
+from appliance.runtime.store import StoreError, resolve_version
+
+
+class SegmentSettings(ModelNodeSettings):
+    type: Literal["segment@1"]
+    threshold: float = Field(0.5, ge=0, le=1, description="probability a pixel needs to belong to a class")
+    min_area: NonNegativeInt = Field(16, description="smallest region reported, in pixels of the node's image")
+    background: int | None = Field(0, description="class id that is not a region (null: every class is)")
+    max_labels: int = Field(100, ge=1, description="regions reported at most, the largest first")
+    # auto: probabilities when the maps already are (all in 0..1), else softmax over classes (sigmoid for C = 1).
+    activation: Literal["auto", "softmax", "sigmoid", "none"] = "auto"
+
+
+def class_probabilities(maps: np.ndarray, activation: str) -> np.ndarray:
+    """C x H x W per-class values -> probabilities of the same shape."""
+    values = maps.astype(np.float32)
+    if activation == "auto":
+        activation = "none" if values.min() >= 0 and values.max() <= 1 else (
+            "sigmoid" if values.shape[0] == 1 else "softmax")
+    if activation == "softmax":
+        shifted = np.exp(values - values.max(axis=0, keepdims=True))
+        return shifted / shifted.sum(axis=0, keepdims=True)
+    if activation == "sigmoid":
+        return 1 / (1 + np.exp(-np.clip(values, -60, 60)))
+    return values
+
+
+def class_map(output: np.ndarray, threshold: float, activation: str, background: int | None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """A model output -> (class id per pixel, -1 where no class reaches the threshold; its probability)."""
+    if np.issubdtype(output.dtype, np.integer):
+        ids = output.reshape(output.shape[-2:]).astype(np.int32)
+        return ids, np.ones(ids.shape, np.float32)
+    maps = output.reshape(-1, *output.shape[-2:])
+    probabilities = class_probabilities(maps, activation)
+    if probabilities.shape[0] == 1:
+        # One foreground class: id 1 when background is 0 (the usual "defect probability" map), else id 0.
+        ids = np.where(probabilities[0] >= threshold, 1 if background == 0 else 0, -1).astype(np.int32)
+        return ids, probabilities[0]
+    best = probabilities.argmax(axis=0).astype(np.int32)
+    confidence = np.take_along_axis(probabilities, best[None], axis=0)[0]
+    return np.where(confidence >= threshold, best, -1), confidence
+
+
+class Segment(Node[SegmentSettings]):
+    settings_model = SegmentSettings
+
+    @classmethod
+    def check(cls, settings: SegmentSettings, env: NodeEnvironment) -> list[tuple[tuple[str | int, ...], str]]:
+        store = env.project_dir / env.config.models_dir
+        try:
+            spec = read_spec(resolve_version(store, settings.model))
+        except StoreError as error:
+            return [(("model",), f"{error}; put a version in {store / settings.model}/<version>/ "
+                                 "(network, spec.yaml, manifest.json) and name it in its `current` file")]
+        if spec.task != "segment":
+            return [(("model",), f"model '{settings.model}' is a {spec.task} model, not a segment model")]
+        return []
+
+    def prepare(self) -> None:
+        assert self.env.runtime is not None
+        self.slot: ModelSlot = self.env.runtime.slot(self.settings.model, self.settings.device)
+        if self.slot.current is None:
+            self.slot.load()
+
+    def _label(self, loaded: LoadedModel, class_id: int) -> LabelSpec:
+        for label in loaded.spec.labels:
+            if label.id == class_id:
+                return label
+        return LabelSpec(id=class_id, name=f"class {class_id}", color=None)
+
+    def run(self, ctx: Context) -> None:
+        loaded = self.slot.current
+        assert loaded is not None
+        image = ctx["image"]
+        if image.ndim == 2:
+            image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+        height, width = image.shape[:2]
+        if height < 2 or width < 2:
+            raise NodeError(f"image {width}x{height} is too small for model '{loaded.name}'")
+        model_h, model_w = loaded.input_size
+        interpolation = cv2.INTER_AREA if height * width > model_h * model_w else cv2.INTER_LINEAR
+        output = loaded.infer(cv2.resize(image, (model_w, model_h), interpolation=interpolation)[None])
+        threshold = float(requested(ctx, self.settings, "threshold",
+                                    requested(ctx, self.settings, "min_confidence", self.settings.threshold)))
+        ids, confidence = class_map(np.asarray(output[loaded.output_names[0]]), threshold,
+                                    self.settings.activation, self.settings.background)
+        ctx.setdefault("models", []).append({"node": self.id, "model": loaded.name, "version": loaded.version,
+                                            "device": loaded.device})
+        map_h, map_w = ids.shape
+        sx, sy = width / map_w, height / map_h
+        to_image = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]])
+        foreground = ids >= 0
+        if self.settings.background is not None:
+            foreground &= ids != self.settings.background
+        # Heat: the probability of the pixel's class where it is foreground, scaled so the threshold is 0.5.
+        heat = np.where(foreground, np.clip(confidence / (2 * max(threshold, 1e-6)), 0, 1), 0).astype(np.float32)
+        ctx["heatmaps"].append({"node": self.id, "map": heat, "to_frame": ctx.to_frame @ to_image})
+        regions: list[tuple[float, int, Any]] = []
+        for class_id in np.unique(ids[foreground]):
+            mask = (ids == class_id).astype(np.uint8)
+            count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+            for index in range(1, count):
+                x, y, w, h, area = stats[index]
+                image_area = float(area * sx * sy)
+                if image_area >= self.settings.min_area:
+                    regions.append((image_area, int(class_id), (x, y, w, h, labels == index)))
+        regions.sort(key=lambda region: -region[0])
+        limit = int(requested(ctx, self.settings, "max_labels", self.settings.max_labels))
+        summary: dict[int, dict[str, Any]] = {}
+        # Areas are reported in input-frame pixels, like the rectangles (crops and resizes before the node).
+        to_frame_area = abs(float(np.linalg.det(ctx.to_frame[:2, :2])))
+        for image_area, class_id, (x, y, w, h, inside) in regions[:limit]:
+            label = self._label(loaded, class_id)
+            mean_confidence = float(confidence[inside].mean())
+            rectangle = ctx.add_rectangle(self.id, x * sx, y * sy, w * sx, h * sy, label=label_name(label, ctx),
+                                          confidence=mean_confidence, source_type="SURFACE",
+                                          color=label.color, class_id=class_id)
+            frame_area = round(image_area * to_frame_area)
+            rectangle["area"] = frame_area
+            entry = summary.setdefault(class_id, {"id": class_id, "label": label_name(label, ctx), "area": 0,
+                                                  "regions": 0, **({"color": label.color} if label.color else {})})
+            entry["area"] += frame_area
+            entry["regions"] += 1
+        ctx["surfaceClasses"] = list(summary.values())
