@@ -56,6 +56,13 @@ class ImageResponse(StrictModel):
     jpeg_quality: int = Field(default=90, ge=1, le=100)
 
 
+class MetricsSettings(StrictModel):
+    """GET /metrics needs no API key (Prometheus scrapes it); it can be switched off or kept to this machine."""
+
+    enabled: bool = True
+    loopback_only: bool = False  # 403 for scrapers that are not on this machine
+
+
 class ProjectConfig(StrictModel):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     host: str = "127.0.0.1"
@@ -71,6 +78,7 @@ class ProjectConfig(StrictModel):
     limits: Limits = Limits()
     code: CodeSettings = CodeSettings()
     image_response: ImageResponse = ImageResponse()
+    metrics: MetricsSettings = MetricsSettings()
     # PEKAT clients use shared memory only when /version >= 3.18.0 (PROTOCOL.md 6); containers without
     # --ipc=host must answer lower so the client falls back to raw bodies. Default: 3.18.0+appliance.<ours>.
     version_reply: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)*(\+[A-Za-z0-9.]+)?$")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
+from collections.abc import Callable
 
 from appliance.context import Context
 from appliance.flow.graph import ROOT, FlowGraph
@@ -72,6 +74,8 @@ def _merge(base: Context, branches: list[Context]) -> Context:
 class FlowRunner:
     def __init__(self, graph: FlowGraph):
         self.graph = graph
+        # Called with (node id, node type, seconds) after every node; the server's metrics set it.
+        self.observe_node: Callable[[str, str, float], None] | None = None
 
     def run(self, ctx: Context) -> Context:
         graph = self.graph
@@ -90,6 +94,7 @@ class FlowRunner:
     def _run_from(self, node_id: str | None, ctx: Context, stop: str | None) -> Context:
         while node_id is not None and node_id != stop:
             node = self.graph.nodes[node_id]
+            started = time.perf_counter()
             try:
                 node.run(ctx)
             except HookFailed as failure:
@@ -99,6 +104,8 @@ class FlowRunner:
             except Exception as error:  # noqa: BLE001 - a broken node answers with an error entry, not a 500
                 log.exception("node %s failed", node_id)
                 self._fail(ctx, {"node": node_id, "type": type(error).__name__, "message": str(error)[:200]})
+            if self.observe_node is not None:
+                self.observe_node(node_id, node.settings.type, time.perf_counter() - started)
             if ctx.get("exit"):
                 return ctx
             targets = self.graph.successors[node_id]

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import openvino as ov
@@ -81,11 +81,23 @@ def _adapt_input(model: ov.Model, spec: ModelSpec) -> ov.Model:
     return ppp.build()
 
 
+class RuntimeObserver(Protocol):
+    """What the runtime reports (the server's metrics implement it)."""
+
+    def inference(self, model: LoadedModel, seconds: float) -> None: ...
+
+    def model_loaded(self, name: str, swapped: bool) -> None: ...
+
+    def model_load_failed(self, name: str) -> None: ...
+
+
 class LoadedModel:
     """One compiled version with its pool of infer requests (as many as the device runs best at once)."""
 
-    def __init__(self, name: str, version_dir: Path, options: RuntimeOptions):
+    def __init__(self, name: str, version_dir: Path, options: RuntimeOptions,
+                 observer: RuntimeObserver | None = None):
         started = time.perf_counter()
+        self.observer = None  # the warm-up inference is not a served one
         self.name = name
         self.version = version_dir.name
         self.spec = read_spec(version_dir)
@@ -121,6 +133,7 @@ class LoadedModel:
         self.input_size = (height, width)
         self.warm_up()
         self.load_seconds = time.perf_counter() - started
+        self.observer = observer
 
     def warm_up(self) -> None:
         height, width = self.input_size
@@ -129,25 +142,40 @@ class LoadedModel:
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Blocking inference of a 1xHxWx3 u8 BGR batch, from a worker thread; OpenVINO releases the GIL."""
         request = self._idle.get()
+        started = time.perf_counter()
         try:
             request.infer({0: batch})
             return {name: request.get_output_tensor(index).data.copy()
                     for index, name in enumerate(self.output_names)}
         finally:
             self._idle.put(request)
+            if self.observer is not None:
+                self.observer.inference(self, time.perf_counter() - started)
 
 
 class ModelSlot:
     """The current version of one named model, and the switch to another version."""
 
-    def __init__(self, store: Path, name: str, options: RuntimeOptions):
-        self.store, self.name, self.options = store, name, options
+    def __init__(self, store: Path, name: str, options: RuntimeOptions, runtime: Runtime):
+        self.store, self.name, self.options, self.runtime = store, name, options, runtime
         self.current: LoadedModel | None = None
         self.failed_version: str | None = None
         self._switching = threading.Lock()
 
+    def _compile(self, version: str | None) -> LoadedModel:
+        observer = self.runtime.observer
+        try:
+            loaded = LoadedModel(self.name, resolve_version(self.store, self.name, version), self.options, observer)
+        except StoreError:
+            if observer is not None:
+                observer.model_load_failed(self.name)
+            raise
+        if observer is not None:
+            observer.model_loaded(self.name, swapped=self.current is not None)
+        return loaded
+
     def load(self) -> LoadedModel:
-        self.current = LoadedModel(self.name, resolve_version(self.store, self.name), self.options)
+        self.current = self._compile(None)
         log.info("model %s: version %s on %s (%s) ready in %.2f s", self.name, self.current.version,
                  self.options.device, self.current.precision, self.current.load_seconds)
         return self.current
@@ -157,7 +185,7 @@ class ModelSlot:
         with self._switching:
             old = self.current
             try:
-                new = LoadedModel(self.name, resolve_version(self.store, self.name, version), self.options)
+                new = self._compile(version)
             except StoreError:
                 self.failed_version = version or read_current(self.store / self.name)
                 raise
@@ -181,13 +209,15 @@ class Runtime:
         self.options = options
         self.slots: dict[str, ModelSlot] = {}
         self._lock = threading.Lock()
+        # Set by the server before the models load; None in tests and benchmarks that run a project bare.
+        self.observer: RuntimeObserver | None = None
 
     def slot(self, name: str, device: str | None = None) -> ModelSlot:
         key = f"{name}@{device}" if device else name
         with self._lock:
             if key not in self.slots:
                 options = self.options if device is None else RuntimeOptions(device, {}, self.options.cache_dir)
-                self.slots[key] = ModelSlot(self.store, name, options)
+                self.slots[key] = ModelSlot(self.store, name, options, self)
             return self.slots[key]
 
     def refresh(self) -> list[str]:

@@ -79,6 +79,11 @@ _REQUEST_PREFIX = f"{os.getpid():x}{int(time.time()) & 0xFFFFFF:x}"
 _request_numbers = itertools.count(1)
 
 
+# appliance_rejected_requests_total{reason}: a fixed set, by the status of the refusal.
+REJECTION_REASONS = {400: "bad_input", 415: "bad_input", 401: "unauthorized", 403: "forbidden", 408: "body_timeout",
+                     413: "too_large"}
+
+
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     response = web.json_response({"status": status, "message": message, "data": None}, status=status,
                                  headers=headers)
@@ -127,8 +132,11 @@ async def errors(request: web.Request, handler: Callable[[web.Request], Awaitabl
         log.debug("client %s", gone.message)
         return error_response(gone.status, gone.message)
     except ApplianceError as error:
+        metrics = request.app[STATE].metrics
         if isinstance(error, Unauthorized):
-            request.app[STATE].metrics.auth_failures.inc()
+            metrics.auth_failures.inc()
+        if error.status in REJECTION_REASONS:  # 503s are counted where they are raised, with their reason
+            metrics.rejected.labels(REJECTION_REASONS[error.status]).inc()
         return error_response(error.status, error.message, error.headers)
     except web.HTTPException as error:
         if error.status < 400:
@@ -142,6 +150,7 @@ async def errors(request: web.Request, handler: Callable[[web.Request], Awaitabl
             return error_response(405, f"method {request.method} is not allowed on {path}; use {allowed}",
                                   {"Allow": allowed})
         if error.status == 413:
+            request.app[STATE].metrics.rejected.labels("too_large").inc()
             limit = request.app[STATE].project.config.limits.body_bytes
             return error_response(413, f"body exceeds max_body_bytes {limit}", CLOSE)
         return error_response(error.status, error.reason)
@@ -158,6 +167,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     try:
         check_declared_size(request, limits)
     except PayloadTooLarge as error:
+        request.app[STATE].metrics.rejected.labels("too_large").inc()
         return error_response(error.status, error.message, error.headers)
     if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -234,14 +244,24 @@ async def _process(request: web.Request, state: ServerState, work: Callable[[], 
 
 
 def _worker(state: ServerState, decode: Callable[[], frames.Frame], query: params.AnalyzeParams,
-            started: float) -> Callable[[], Answer]:
+            started: float, received: float | None = None) -> Callable[[], Answer]:
+    """The work of one analyze request in a worker thread; ``received``: when its body was read, if any."""
     project = state.project
     settings = project.config.image_response
     code_nodes = {node_id for node_id, node in project.graph.nodes.items() if node.settings.type == "code@1"}
 
+    stages = state.metrics.stages
+    if received is not None:
+        stages["receive"].observe(received - started)
+
     def work() -> Answer:
+        decoding = time.perf_counter()
         frame = decode()
+        inspecting = time.perf_counter()
+        stages["decode"].observe(inspecting - decoding)
         ctx = project.inspect(frame, query.data, query.request)
+        encoding = time.perf_counter()
+        stages["flow"].observe(encoding - inspecting)
         state.last = ctx
         verdict = "ok" if ctx.get("result") else "ng"
         state.metrics.verdicts.labels(verdict).inc()
@@ -250,9 +270,11 @@ def _worker(state: ServerState, decode: Callable[[], frames.Frame], query: param
             if node in code_nodes and "type" in error:
                 state.metrics.hook_errors.labels(node).inc()
         ctx["completeTime"] = time.perf_counter() - started
-        return build_answer(ctx, query.response_type, context_in_body=query.context_in_body,
-                            image_format=query.image_format or settings.format,
-                            jpeg_quality=query.jpeg_quality or settings.jpeg_quality)
+        answer = build_answer(ctx, query.response_type, context_in_body=query.context_in_body,
+                              image_format=query.image_format or settings.format,
+                              jpeg_quality=query.jpeg_quality or settings.jpeg_quality)
+        stages["encode"].observe(time.perf_counter() - encoding)
+        return answer
 
     return work
 
@@ -290,7 +312,7 @@ async def analyze_image(request: web.Request) -> web.Response:
     def decode() -> frames.Frame:
         return frames.decode_image(body, max_frame_pixels=limits.max_frame_pixels, color=color)
 
-    return await _process(request, state, _worker(state, decode, query, started))
+    return await _process(request, state, _worker(state, decode, query, started, time.perf_counter()))
 
 
 async def analyze_raw_image(request: web.Request) -> web.Response:
@@ -305,7 +327,7 @@ async def analyze_raw_image(request: web.Request) -> web.Response:
     def decode() -> frames.Frame:
         return frames.raw_frame(body, width, height, bayer=bayer, color=color)
 
-    return await _process(request, state, _worker(state, decode, query, started))
+    return await _process(request, state, _worker(state, decode, query, started, time.perf_counter()))
 
 
 async def analyze_shared_memory(request: web.Request) -> web.Response:
@@ -379,8 +401,11 @@ async def health_ready(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready", "project": project.name, "nodes": project.node_count})
 
 
-async def metrics(request: web.Request) -> web.Response:
+async def metrics_page(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    if state.project.config.metrics.loopback_only and not is_loopback(
+            request.transport.get_extra_info("peername") if request.transport else None):
+        raise Forbidden("metrics are served to this machine only (metrics.loopback_only in project.yaml)")
     body = generate_latest(state.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -416,7 +441,6 @@ async def switch_model(request: web.Request) -> web.Response:
             # Compiling takes seconds: a thread of its own, never a worker that frames are waiting for.
             await loop.run_in_executor(None, slot.switch, version)
     except StoreError as error:
-        state.metrics.model_load_failures.labels(name).inc()
         log.error("model %s: version %s not loaded, the old one keeps serving: %s", name, version, error)
         raise BadRequest(str(error)) from None
     switch_current(state.project.runtime.store / name, version)
@@ -453,8 +477,11 @@ def create_app(project: Project, *, stop_key: str | None = None, workers: int | 
     # keepalive: aiohttp's default keeps an idle connection for an hour (2.7).
     app = web.Application(middlewares=[access_log, errors], client_max_size=limits.body_bytes,
                           handler_args={"max_line_size": 65536, "max_field_size": 65536, "keepalive_timeout": 15})
+    metrics = Metrics(project.name, project.flow_sha256)
+    project.runtime.observer = metrics
+    project.runner.observe_node = metrics.node
     app[STATE] = ServerState(
-        project=project, stop_key=stop_key, metrics=Metrics(project.name, project.flow_sha256),
+        project=project, stop_key=stop_key, metrics=metrics,
         workers=started_pool(slots, "worker"), slots=slots,
         queue_depth=queue_depth(project, slots))
     for path, handler in (("/analyze_image", analyze_image), ("/analyze_raw_image", analyze_raw_image),
@@ -466,7 +493,8 @@ def create_app(project: Project, *, stop_key: str | None = None, workers: int | 
     app.router.add_get("/stop", stop)
     app.router.add_get("/health/live", health_live)
     app.router.add_get("/health/ready", health_ready)
-    app.router.add_get("/metrics", metrics)
+    if project.config.metrics.enabled:
+        app.router.add_get("/metrics", metrics_page)
     app.router.add_post("/models/switch", switch_model)
 
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
