@@ -7,7 +7,7 @@ PROJECT ?= projects/demo
 
 MODEL_STORE := models
 
-.PHONY: install models demo run test lint bench check clean
+.PHONY: install models demo run test test-tools lint bench check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ check: install
 
 test: models
 	$(BIN)/python -m pytest -m "not soak" -q
+
+# System tools some tests use: systemd-analyze (the unit) and Prometheus with promtool (the dashboard). Without
+# them those tests skip; CI installs them and sets APPLIANCE_REQUIRE_TOOLS=1 so that they fail instead.
+test-tools:
+	@command -v systemd-analyze >/dev/null && command -v promtool >/dev/null && command -v prometheus >/dev/null \
+	  || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); $$SUDO apt-get update -qq \
+	       && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends systemd prometheus; }
 
 lint: install
 	$(BIN)/ruff check appliance tests bench examples

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,15 @@ import requests
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def needs_tool(*commands: str) -> pytest.MarkDecorator:
+    """Skip when a system tool is missing, except where CI installed it (`make test-tools` sets
+    APPLIANCE_REQUIRE_TOOLS=1): there a missing tool fails instead of silently skipping."""
+    missing = [command for command in commands if shutil.which(command) is None]
+    required = os.environ.get("APPLIANCE_REQUIRE_TOOLS") == "1"
+    return pytest.mark.skipif(bool(missing) and not required,
+                              reason=f"needs {', '.join(missing)} (`make test-tools` installs them)")
 
 
 def free_port() -> int:

@@ -480,6 +480,7 @@ def create_app(project: Project, *, stop_key: str | None = None, workers: int | 
     metrics = Metrics(project.name, project.flow_sha256)
     project.runtime.observer = metrics
     project.runner.observe_node = metrics.node
+    metrics.stuck_hooks.set_function(lambda: project.stuck_hooks)
     app[STATE] = ServerState(
         project=project, stop_key=stop_key, metrics=metrics,
         workers=started_pool(slots, "worker"), slots=slots,

@@ -39,6 +39,8 @@ class Metrics:
                                 registry=r)
         self.verdicts = Counter("appliance_verdicts", "Inspection verdicts", ["result"], registry=r)
         self.hook_errors = Counter("appliance_hook_errors", "Code hook failures", ["node"], registry=r)
+        self.stuck_hooks = Gauge("appliance_stuck_hook_threads", "Code hook threads that never returned (7.3)",
+                                 registry=r)
         self.auth_failures = Counter("appliance_auth_failures", "Requests with a missing or wrong API key",
                                      registry=r)
         self.client_disconnects = Counter("appliance_client_disconnects", "Clients gone before the answer",
@@ -71,8 +73,11 @@ class Metrics:
 
     def model_loaded(self, name: str, swapped: bool) -> None:
         self.model_loads.labels(name).inc()
+        # Series at 0 from the first load, so increase() and changes() see the first swap or failure too.
+        swaps = self.model_swaps.labels(name)
+        self.model_load_failures.labels(name)
         if swapped:
-            self.model_swaps.labels(name).inc()
+            swaps.inc()
 
     def model_load_failed(self, name: str) -> None:
         self.model_load_failures.labels(name).inc()

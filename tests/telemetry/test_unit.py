@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, needs_tool
 
-pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+pytestmark = needs_tool("systemd-analyze")
 
 
 @pytest.fixture
