@@ -7,7 +7,7 @@ PROJECT ?= projects/demo
 
 MODEL_STORE := models
 
-.PHONY: install models demo run test test-tools lint bench check clean
+.PHONY: install models demo run test test-tools lint bench check clean install-service
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ bench: demo
 	$(BIN)/python bench/hot_path.py
 	$(BIN)/python bench/anomaly_path.py
 	$(BIN)/python bench/startup.py
+
+# On a factory PC, as root: /opt/appliance, the project exported to /var/lib/appliance/<name>, and the unit
+# appliance@.service (then `systemctl enable --now appliance@<name>`). See systemd/install.sh.
+install-service: demo
+	systemd/install.sh $(PROJECT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

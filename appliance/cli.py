@@ -150,6 +150,22 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from appliance.deploy import ExportError, export_project
+
+    try:
+        for line in export_project(Path(args.project_dir), Path(args.destination)):
+            print(line)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(problem)
+        return 1
+    except (ExportError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="Visual inspection appliance (PEKAT-compatible)")
     parser.add_argument("--version", action="version", version=f"appliance {__version__}")
@@ -180,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("model")
     switch.add_argument("version")
 
+    export = commands.add_parser("export", help="copy a project with its flow and models into a folder of its "
+                                                "own (e.g. /var/lib/appliance/NAME for systemd)")
+    export.add_argument("project_dir")
+    export.add_argument("destination")
+
     train = commands.add_parser("train", help="train a model on this machine", add_help=False)
     train.add_argument("task", choices=["anomaly"])
     train.add_argument("rest", nargs=argparse.REMAINDER)
@@ -206,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         return _devices(args)
     if args.command == "models":
         return _models(args)
+    if args.command == "export":
+        return _export(args)
     if args.command == "train":
         from appliance.training.anomaly import main as train_anomaly
 

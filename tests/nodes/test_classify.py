@@ -142,8 +142,9 @@ def test_check_names_a_threshold_for_an_unknown_label(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def imagenet() -> Iterator[Server]:
-    server = start_server(REPO / "projects" / "classify-objects")
+def imagenet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log_file = tmp_path_factory.mktemp("imagenet") / "server.log"
+    server = start_server(REPO / "projects" / "classify-objects", log_file=log_file)
     yield server
     server.stop()
 
