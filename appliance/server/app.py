@@ -111,7 +111,8 @@ async def access_log(request: web.Request, handler: Callable[[web.Request], Awai
     response.headers["X-Request-Id"] = request_id
     state.metrics.requests.labels(endpoint, str(response.status)).inc()
     state.metrics.request_duration.labels(endpoint).observe(duration)
-    level = logging.DEBUG if response.status < 400 else logging.INFO
+    # One line per request at DEBUG; every refused or failed one at WARNING (RELIABILITY 15).
+    level = logging.DEBUG if response.status < 400 else logging.WARNING
     if log.isEnabledFor(level):
         peer = request.transport.get_extra_info("peername") if request.transport else None
         log.log(level, "%s %s %s", request.method, request.path, response.status, extra={
