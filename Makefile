@@ -24,6 +24,7 @@ models: install
 # The demo project's frames and anomaly model, trained here from its good frames (skipped once done).
 demo: models
 	$(BIN)/python -m appliance.training.demo_setup projects/demo
+	$(BIN)/python -m appliance.training.demo_setup projects/surface-defects --surface
 
 run: demo
 	@echo "Serving $(PROJECT) (Ctrl+C stops it)"

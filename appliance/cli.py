@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("destination")
 
     train = commands.add_parser("train", help="train a model on this machine", add_help=False)
-    train.add_argument("task", choices=["anomaly"])
+    train.add_argument("task", choices=["anomaly", "segment"])
     train.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         return _export(args)
     if args.command == "train":
+        if args.task == "segment":
+            from appliance.training.segment import main as train_segment
+
+            return train_segment(args.rest)
         from appliance.training.anomaly import main as train_anomaly
 
         return int(train_anomaly(args.rest) or 0)
