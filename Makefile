@@ -49,7 +49,9 @@ lint: install
 
 bench: demo
 	$(BIN)/python bench/hot_path.py
-	$(BIN)/python bench/anomaly_path.py
+	$(BIN)/python bench/model_path.py --project projects/demo
+	$(BIN)/python bench/model_path.py --project projects/surface-defects
+	$(BIN)/python bench/model_path.py --project projects/classify-objects --skimage coffee,chelsea,astronaut
 	$(BIN)/python bench/startup.py
 
 # On a factory PC, as root: /opt/appliance, the project exported to /var/lib/appliance/<name>, and the unit

@@ -1,10 +1,11 @@
-"""`make bench`, anomaly part: the server's paths against the in-process OpenVINO ceiling of the same model.
+"""`make bench`, model part: a project's flow over HTTP against the in-process OpenVINO ceiling of its model.
 
 The ceiling is an AsyncInferQueue on the same compiled model, fed the same frames already resized to the
 model's input, with as many jobs as the device's optimal number of requests. The server paths send the
-camera frames (shared memory, Bayer RG8 body, JPEG body) through the project's whole flow at 1 and 8 clients.
+frames (shared memory, Bayer RG8 body, JPEG body) through the project's whole flow at 1 and 8 clients.
 
-    .venv/bin/python bench/anomaly_path.py [--project projects/demo] [--seconds 4]
+    .venv/bin/python bench/model_path.py [--project projects/demo] [--frames DIR | --skimage coffee,chelsea]
+                                         [--seconds 4]
 """
 
 from __future__ import annotations
@@ -48,9 +49,29 @@ def ceiling(loaded, batches: list[np.ndarray], seconds: float) -> dict[str, floa
     return result
 
 
+def load_frames(project_dir: Path, folder: str | None, pictures: str | None) -> list[np.ndarray]:
+    """Up to 8 frames of one size (the first one's): a folder, scikit-image pictures, or the project's images."""
+    if pictures:
+        from skimage import data
+
+        frames = [cv2.cvtColor(getattr(data, name)(), cv2.COLOR_RGB2BGR) for name in pictures.split(",")]
+    else:
+        candidates = [Path(folder)] if folder else [project_dir / "images" / "good", project_dir / "images" / "check"]
+        paths = next((sorted(c.glob("*.png"))[:8] for c in candidates if c.is_dir() and any(c.glob("*.png"))), [])
+        if not paths:
+            raise SystemExit(f"no frames in {', '.join(map(str, candidates))}; run `make demo` first")
+        frames = [cv2.imread(str(path), cv2.IMREAD_COLOR) for path in paths]
+    height, width = frames[0].shape[:2]
+    # Bayer mosaics need even sides; one size for all, as a camera sends.
+    height, width = height - height % 2, width - width % 2
+    return [cv2.resize(frame, (width, height)) for frame in frames]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", default=str(REPO / "projects" / "demo"))
+    parser.add_argument("--frames", help="folder of frames (default: the project's images/good or images/check)")
+    parser.add_argument("--skimage", help="comma-separated scikit-image pictures as frames, e.g. coffee,chelsea")
     parser.add_argument("--seconds", type=float, default=4.0)
     args = parser.parse_args()
     source_dir = Path(args.project).resolve()
@@ -59,13 +80,11 @@ def main() -> None:
     project_dir = Path(workdir.name) / source_dir.name
     project_dir.mkdir()
     # The same flow and models; the queue deep enough for 8 clients: this measures throughput, not 503s.
-    config.update(flow=str((source_dir / config["flow"]).resolve()), models_dir=str(source_dir / "models"),
+    config.update(flow=str((source_dir / config["flow"]).resolve()),
+                  models_dir=str((source_dir / config.get("models_dir", "models")).resolve()),
                   limits={**config.get("limits", {}), "queue_depth": 16})
     (project_dir / "project.yaml").write_text(yaml.safe_dump(config))
-    images = sorted((source_dir / "images" / "good").glob("*.png"))[:8]
-    if not images:
-        raise SystemExit(f"no frames in {source_dir / 'images' / 'good'}; run `make demo` first")
-    frames = [cv2.imread(str(path), cv2.IMREAD_COLOR) for path in images]
+    frames = load_frames(source_dir, args.frames, args.skimage)
     height, width = frames[0].shape[:2]
     project = Project.load(project_dir)
     project.prepare()
@@ -108,7 +127,7 @@ def main() -> None:
                 block.unlink()
             project.close()
             workdir.cleanup()
-    print(f"\nAnomaly flow of {source_dir.name}: model {loaded.name} v{loaded.version} ({model_w}x{model_h}, "
+    print(f"\nFlow of {source_dir.name}: model {loaded.name} v{loaded.version} ({model_w}x{model_h}, "
           f"{loaded.device}, {loaded.precision}), camera frames {width}x{height}, {args.seconds:g} s per row\n")
     print("| path | clients | req/s | p50 ms | p99 ms | ratio to ceiling |")
     print("|---|---|---|---|---|---|")
