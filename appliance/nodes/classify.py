@@ -114,8 +114,11 @@ class Classify(Node[ClassifySettings]):
         predicted: list[dict[str, Any]] = []
         discarded: list[dict[str, Any]] = []
         colours: list[str | None] = []
+        # Scores fall along the loop: under the lowest threshold nothing more can be predicted.
+        lowest = default if overridden else min([default, *self.settings.thresholds.values()])
         for index in np.argsort(-scores, kind="stable"):
-            if len(predicted) >= limit and (not self.settings.show_discarded or len(discarded) >= limit):
+            done_predicting = len(predicted) >= limit or scores[index] < lowest
+            if done_predicting and (not self.settings.show_discarded or len(discarded) >= limit):
                 break
             label = self._label(loaded, int(index))
             # A request's threshold replaces the per-label ones too: the caller asked for one bar.
