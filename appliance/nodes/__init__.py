@@ -8,7 +8,9 @@ from appliance.nodes.classify import Classify
 from appliance.nodes.code import Code
 from appliance.nodes.color import Color
 from appliance.nodes.crop import Crop
+from appliance.nodes.detect import Detect
 from appliance.nodes.evaluate import Evaluate
+from appliance.nodes.faces import Faces
 from appliance.nodes.flip import Flip
 from appliance.nodes.mask import Mask
 from appliance.nodes.resize import Resize
@@ -29,5 +31,7 @@ NODE_TYPES: dict[str, type[Node]] = {
         Anomaly,
         Classify,
         Segment,
+        Detect,
+        Faces,
     )
 }

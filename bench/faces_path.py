@@ -1,0 +1,97 @@
+"""faces@1 on BlazeFace: the model's in-process OpenVINO ceiling, the whole node in-process, and the HTTP path.
+
+The ceiling is an AsyncInferQueue on the compiled model (as many jobs as the device's optimal number of
+requests) fed frames already letterboxed to its input; the node in-process is `Project.inspect` (resize,
+inference, decoding, NMS, pixelation) plus the JSON; the HTTP rows send JPEG frames to the project's server
+and ask for the context, or the anonymised image (PNG as served, or JPEG).
+
+    .venv/bin/python bench/faces_path.py [--project projects/faces-anonymise] [--size 1280x720] [--seconds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+from skimage import data
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from appliance import frames  # noqa: E402
+from appliance.nodes.detect import fit_image  # noqa: E402
+from appliance.project import Project  # noqa: E402
+from bench.hot_path import in_process, over_http  # noqa: E402
+from bench.model_path import ceiling  # noqa: E402
+from tests.conftest import start_server  # noqa: E402
+
+
+def camera_frame(width: int, height: int) -> np.ndarray:
+    """astronaut (one face) beside chelsea (a cat), scaled to the camera's size."""
+    side_by_side = np.hstack([data.astronaut(), cv2.resize(data.chelsea(), (512, 512))])
+    return cv2.resize(cv2.cvtColor(side_by_side, cv2.COLOR_RGB2BGR), (width, height), interpolation=cv2.INTER_AREA)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--project", default=str(REPO / "projects" / "faces-anonymise"))
+    parser.add_argument("--size", default="1280x720", help="camera frame WIDTHxHEIGHT")
+    parser.add_argument("--seconds", type=float, default=4.0)
+    args = parser.parse_args()
+    width, height = (int(side) for side in args.size.lower().split("x"))
+    source_dir = Path(args.project).resolve()
+    config = yaml.safe_load((source_dir / "project.yaml").read_text())
+    frame = camera_frame(width, height)
+    jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        project_dir = Path(tmp) / source_dir.name
+        project_dir.mkdir()
+        # The same flow and models; a queue deep enough for 8 clients: this measures throughput, not 503s.
+        config.update(flow=str((source_dir / config["flow"]).resolve()),
+                      models_dir=str((source_dir / config.get("models_dir", "models")).resolve()),
+                      cache_dir=str(Path(tmp) / "cache"), limits={**config.get("limits", {}), "queue_depth": 16})
+        (project_dir / "project.yaml").write_text(yaml.safe_dump(config))
+        project = Project.load(project_dir)
+        project.prepare()
+        (slot,) = project.runtime.slots.values()
+        loaded = slot.current
+        assert loaded is not None
+        faces = len(project.inspect(frames.Frame(frame, "bench"), "")["detectedRectangles"])
+        top = ceiling(loaded, [fit_image(frame, loaded.input_size, "letterbox").batch], args.seconds)
+        rows = [(f"in-process ceiling (AsyncInferQueue, {top['jobs']} jobs)", "-", top)]
+        for clients in (1, 2):
+            rows.append(("node in-process (Project.inspect + JSON)", clients,
+                         in_process(project, lambda: frames.decode_image(jpeg, max_frame_pixels=1 << 25), clients,
+                                    args.seconds)))
+        server = start_server(project_dir, log_file=Path(tmp) / "server.log", log_level="INFO")
+        paths = [("HTTP JPEG body, context answer", ""),
+                 ("HTTP JPEG body, anonymised image (PNG)", "?response_type=image&context_in_body"),
+                 ("HTTP JPEG body, anonymised image (JPEG)", "?response_type=image&image_format=jpeg&context_in_body")]
+        try:
+            for clients in (1, 8):
+                for name, query in paths:
+                    rows.append((name, clients, asyncio.run(over_http(
+                        f"{server.url}/analyze_image", lambda _, q=query: {"query": q, "body": jpeg}, clients,
+                        args.seconds))))
+        finally:
+            server.stop()
+            project.close()
+    model_h, model_w = loaded.input_size
+    print(f"\nfaces@1 ({source_dir.name}): model {loaded.name} v{loaded.version} ({model_w}x{model_h}, "
+          f"{loaded.device}, {loaded.precision}), JPEG frames {width}x{height} with {faces} face(s), "
+          f"{args.seconds:g} s per row, client and server on the same cores\n")
+    print("| path | clients | req/s | p50 ms | p99 ms | ratio to ceiling |")
+    print("|---|---|---|---|---|---|")
+    for name, clients, result in rows:
+        print(f"| {name} | {clients} | {result['rps']:.1f} | {result['p50']:.2f} | {result['p99']:.2f} | "
+              f"{result['rps'] / top['rps']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
