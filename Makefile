@@ -7,7 +7,7 @@ PROJECT ?= projects/demo
 
 MODEL_STORE := models
 
-.PHONY: install models demo run test test-tools lint bench check clean install-service
+.PHONY: install models demo run test test-tools lint bench bench-quality check clean install-service
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ demo: models
 run: demo
 	@echo "Serving $(PROJECT) (Ctrl+C stops it)"
 	$(BIN)/appliance serve $(PROJECT)
+
+# What the models find: anomaly AUROC per texture and defect, face recall, OCR character accuracy.
+bench-quality: demo
+	$(BIN)/python bench/anomaly_quality.py
+	$(BIN)/python bench/faces_recall.py
 
 check: install
 	$(BIN)/appliance check $(PROJECT)
@@ -52,6 +57,7 @@ bench: demo
 	$(BIN)/python bench/model_path.py --project projects/demo
 	$(BIN)/python bench/model_path.py --project projects/surface-defects
 	$(BIN)/python bench/model_path.py --project projects/classify-objects --skimage coffee,chelsea,astronaut
+	$(BIN)/python bench/faces_path.py
 	$(BIN)/python bench/startup.py
 
 # On a factory PC, as root: /opt/appliance, the project exported to /var/lib/appliance/<name>, and the unit
