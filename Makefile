@@ -34,6 +34,7 @@ run: demo
 bench-quality: demo
 	$(BIN)/python bench/anomaly_quality.py
 	$(BIN)/python bench/faces_recall.py
+	$(BIN)/python bench/ocr_accuracy.py --labels 24
 
 check: install
 	$(BIN)/appliance check $(PROJECT)
@@ -58,6 +59,7 @@ bench: demo
 	$(BIN)/python bench/model_path.py --project projects/surface-defects
 	$(BIN)/python bench/model_path.py --project projects/classify-objects --skimage coffee,chelsea,astronaut
 	$(BIN)/python bench/faces_path.py
+	$(BIN)/python bench/ocr_accuracy.py --labels 4 --speed
 	$(BIN)/python bench/startup.py
 
 # On a factory PC, as root: /opt/appliance, the project exported to /var/lib/appliance/<name>, and the unit

@@ -13,6 +13,7 @@ from appliance.nodes.evaluate import Evaluate
 from appliance.nodes.faces import Faces
 from appliance.nodes.flip import Flip
 from appliance.nodes.mask import Mask
+from appliance.nodes.ocr import Ocr
 from appliance.nodes.resize import Resize
 from appliance.nodes.rotate import Rotate
 from appliance.nodes.segment import Segment
@@ -33,5 +34,6 @@ NODE_TYPES: dict[str, type[Node]] = {
         Segment,
         Detect,
         Faces,
+        Ocr,
     )
 }

@@ -314,6 +314,13 @@ PRODUCTS: tuple[ConvertedModel | CopiedModel | RawFiles, ...] = (
                                        "colour_order": "BGR", "scale": 1 / 255, "mean": [0.5, 0.5, 0.5],
                                        "std": [0.5, 0.5, 0.5]},
               "outputs": {"role": "recogniser", "decoder": "ctc", "alphabet": "onnx metadata 'character'"}}),
+    # The text-line angle classifier: output 1x2, probabilities of 0 and 180 degrees, at 48x192.
+    CopiedModel(
+        name="ocr_cls", version="1", wheel=RAPIDOCR_ONNXRUNTIME, member=RAPIDOCR_ONNXRUNTIME.members[2],
+        spec={"task": "ocr", "input": {"size": [48, 192], "element_type": "f32", "layout": "NCHW",
+                                       "colour_order": "BGR", "scale": 1 / 255, "mean": [0.5, 0.5, 0.5],
+                                       "std": [0.5, 0.5, 0.5]},
+              "outputs": {"role": "angle classifier", "angles": [0, 180]}}),
 )
 
 

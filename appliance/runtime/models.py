@@ -54,11 +54,16 @@ class RuntimeOptions:
         return cls(device, dict(profile.properties), usable_cache_dir(cache_dir) if profile.cache else None)
 
 
-def _adapt_input(model: ov.Model, spec: ModelSpec) -> ov.Model:
-    """Make every model take what frames are: u8 NHWC BGR at the spec's size, with a static shape."""
-    height, width = spec.input.size
+# (batch, height, width) a node compiles a model at instead of the spec's (1, height, width); -1 leaves that
+# dimension dynamic (CPU and GPU only: the NPU needs every dimension static).
+InputShape = tuple[int, int, int]
+
+
+def _adapt_input(model: ov.Model, spec: ModelSpec, input_shape: InputShape | None = None) -> ov.Model:
+    """Make every model take what frames are: u8 NHWC BGR at the spec's size (static), or at `input_shape`."""
+    batch, height, width = input_shape or (1, *spec.input.size)
     layout = spec.input.layout
-    shape = [1, height, width, 3] if layout == "NHWC" else [1, 3, height, width]
+    shape = [batch, height, width, 3] if layout == "NHWC" else [batch, 3, height, width]
     model.reshape({model.inputs[0].get_any_name(): shape} if model.inputs[0].get_names() else {0: shape})
     wanted = spec.input
     if wanted.element_type == "u8" and layout == "NHWC" and wanted.colour_order == "BGR":
@@ -95,7 +100,7 @@ class LoadedModel:
     """One compiled version with its pool of infer requests (as many as the device runs best at once)."""
 
     def __init__(self, name: str, version_dir: Path, options: RuntimeOptions,
-                 observer: RuntimeObserver | None = None):
+                 observer: RuntimeObserver | None = None, input_shape: InputShape | None = None):
         started = time.perf_counter()
         self.observer = None  # the warm-up inference is not a served one
         self.name = name
@@ -107,7 +112,7 @@ class LoadedModel:
             config["CACHE_DIR"] = str(options.cache_dir)
         try:
             network = core().read_model(str(network_file(version_dir)))
-            network = _adapt_input(network, self.spec)
+            network = _adapt_input(network, self.spec, input_shape)
             self.compiled = core().compile_model(network, options.device, config)
         except RuntimeError as error:
             # OpenVINO's messages run over many lines; the first useful one is enough for a start-up log.
@@ -130,17 +135,20 @@ class LoadedModel:
         except RuntimeError:
             self.execution_devices = [options.device]
         height, width = self.spec.input.size
-        self.input_size = (height, width)
+        self.input_shape: InputShape = input_shape or (1, height, width)
+        # A dynamic dimension keeps the spec's size here: the warm-up (and any caller's resize) uses it.
+        self.input_size = (self.input_shape[1] if self.input_shape[1] > 0 else height,
+                           self.input_shape[2] if self.input_shape[2] > 0 else width)
         self.warm_up()
         self.load_seconds = time.perf_counter() - started
         self.observer = observer
 
     def warm_up(self) -> None:
         height, width = self.input_size
-        self.infer(np.zeros((1, height, width, 3), np.uint8))
+        self.infer(np.zeros((max(1, self.input_shape[0]), height, width, 3), np.uint8))
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Blocking inference of a 1xHxWx3 u8 BGR batch, from a worker thread; OpenVINO releases the GIL."""
+        """Blocking inference of an NxHxWx3 u8 BGR batch, from a worker thread; OpenVINO releases the GIL."""
         request = self._idle.get()
         started = time.perf_counter()
         try:
@@ -156,8 +164,10 @@ class LoadedModel:
 class ModelSlot:
     """The current version of one named model, and the switch to another version."""
 
-    def __init__(self, store: Path, name: str, options: RuntimeOptions, runtime: Runtime):
+    def __init__(self, store: Path, name: str, options: RuntimeOptions, runtime: Runtime,
+                 input_shape: InputShape | None = None):
         self.store, self.name, self.options, self.runtime = store, name, options, runtime
+        self.input_shape = input_shape
         self.current: LoadedModel | None = None
         self.failed_version: str | None = None
         self._switching = threading.Lock()
@@ -165,7 +175,8 @@ class ModelSlot:
     def _compile(self, version: str | None) -> LoadedModel:
         observer = self.runtime.observer
         try:
-            loaded = LoadedModel(self.name, resolve_version(self.store, self.name, version), self.options, observer)
+            loaded = LoadedModel(self.name, resolve_version(self.store, self.name, version), self.options, observer,
+                                 self.input_shape)
         except StoreError:
             if observer is not None:
                 observer.model_load_failed(self.name)
@@ -212,12 +223,14 @@ class Runtime:
         # Set by the server before the models load; None in tests and benchmarks that run a project bare.
         self.observer: RuntimeObserver | None = None
 
-    def slot(self, name: str, device: str | None = None) -> ModelSlot:
+    def slot(self, name: str, device: str | None = None, input_shape: InputShape | None = None) -> ModelSlot:
         key = f"{name}@{device}" if device else name
+        if input_shape is not None:
+            key += "[{}x{}x{}]".format(*input_shape)
         with self._lock:
             if key not in self.slots:
                 options = self.options if device is None else RuntimeOptions(device, {}, self.options.cache_dir)
-                self.slots[key] = ModelSlot(self.store, name, options, self)
+                self.slots[key] = ModelSlot(self.store, name, options, self, input_shape)
             return self.slots[key]
 
     def refresh(self) -> list[str]:
