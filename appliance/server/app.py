@@ -42,7 +42,7 @@ from appliance.threads import started_pool
 log = logging.getLogger("appliance.server")
 
 ENDPOINTS = ("/analyze_image", "/analyze_raw_image", "/analyze_image_shared_memory", "/ping", "/version",
-             "/health/live", "/health/ready", "/metrics", "/stop", "/models/switch", "/last_image")
+             "/health", "/health/live", "/health/ready", "/metrics", "/stop", "/models/switch", "/last_image")
 
 
 @dataclass
@@ -58,6 +58,7 @@ class ServerState:
     draining: bool = False
     waiting: int = 0
     in_flight: int = 0
+    abandoned: int = 0  # requests still running when the drain timed out
     # The context of the last analysed frame, for GET /last_image (one frame is kept, replaced by the next).
     last: Context | None = None
     # Moving mean of a request's time in a worker, for Retry-After when the queue is full.
@@ -232,6 +233,10 @@ async def _process(request: web.Request, state: ServerState, work: Callable[[], 
         started = time.perf_counter()
         try:
             answer = await asyncio.get_running_loop().run_in_executor(state.workers, work)
+        except asyncio.CancelledError:
+            # Only the end of the drain cancels a handler: its worker thread may still be busy (10.5).
+            state.abandoned += 1
+            raise
         finally:
             state.service_seconds += 0.1 * (time.perf_counter() - started - state.service_seconds)
             state.last_progress = time.monotonic()
@@ -402,6 +407,24 @@ async def health_ready(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready", "project": project.name, "nodes": project.node_count})
 
 
+async def health(request: web.Request) -> web.Response:
+    """GET /health: what an operator asks first, as JSON: ready or why not, and each model's version and device,
+    with the version a switch failed to load (RELIABILITY 12.3)."""
+    state = request.app[STATE]
+    project = state.project
+    models = {}
+    for slot in project.runtime.slots.values():
+        entry: dict[str, object] = {"version": slot.current.version if slot.current else None,
+                                    "device": slot.options.device}
+        if slot.failed_version is not None:
+            entry["pending_version_failed"] = slot.failed_version
+        models[slot.name] = entry
+    status = "draining" if state.draining else "ready" if state.ready else "starting"
+    return web.json_response({"status": status, "project": project.name, "nodes": project.node_count,
+                              "ready_nodes": project.ready_nodes, "in_flight": state.in_flight,
+                              "queued": state.waiting, "stuck_hooks": project.stuck_hooks, "models": models})
+
+
 async def metrics_page(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.project.config.metrics.loopback_only and not is_loopback(
@@ -493,6 +516,7 @@ def create_app(project: Project, *, stop_key: str | None = None, workers: int | 
     app.router.add_get("/ping", ping)
     app.router.add_get("/version", version)
     app.router.add_get("/stop", stop)
+    app.router.add_get("/health", health)
     app.router.add_get("/health/live", health_live)
     app.router.add_get("/health/ready", health_ready)
     if project.config.metrics.enabled:

@@ -24,6 +24,7 @@ log = logging.getLogger("appliance.serve")
 EXIT_CONFIG = 78
 EXIT_PORT_IN_USE = 75
 EXIT_DEVICE_ABSENT = 69
+REFUSE_PHASE_S = 1.0
 
 
 def _say(line: str) -> None:
@@ -55,8 +56,11 @@ async def _watchdog(notifier: Notifier, state: ServerState) -> None:
 async def serve_project(project: Project, host: str, port: int, stop_key: str | None) -> int:
     app = create_app(project, stop_key=stop_key)
     state = app[STATE]
-    runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                           shutdown_timeout=project.config.limits.drain_timeout_s)
+    # The drain (RELIABILITY 10.1): a refusing phase while still listening, then aiohttp's own wait; together
+    # never longer than drain_timeout_s (below systemd's TimeoutStopSec).
+    drain = project.config.limits.drain_timeout_s
+    refuse_phase = min(REFUSE_PHASE_S, drain / 2)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=drain - refuse_phase)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
@@ -118,6 +122,21 @@ async def serve_project(project: Project, host: str, port: int, stop_key: str | 
         watchdog.cancel()
     state.draining = True
     log.info("stopping: draining %d requests in flight", state.in_flight)
+    # Still listening while work is in flight (up to REFUSE_PHASE_S): new requests get 503 `shutting down` and
+    # /health/ready 503, so clients and load balancers learn why, rather than meeting a refused connection.
+    # Then aiohttp stops listening, closes idle connections and waits for the rest up to drain_timeout_s.
+    deadline = loop.time() + refuse_phase
+    while (state.in_flight or state.waiting) and loop.time() < deadline:
+        await asyncio.sleep(0.05)
     await runner.cleanup()
     notifier.close()
+    if state.abandoned:
+        # The drain timeout passed with requests still running (a hook stuck past it): they are lost, and their
+        # worker threads must not hold the exit until they return (RELIABILITY 10.5).
+        log.warning("drain timeout of %g s reached: abandoned %d requests", project.config.limits.drain_timeout_s,
+                    state.abandoned)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
