@@ -115,8 +115,11 @@ class LoadedModel:
             network = _adapt_input(network, self.spec, input_shape)
             self.compiled = core().compile_model(network, options.device, config)
         except RuntimeError as error:
-            # OpenVINO's messages run over many lines; the first useful one is enough for a start-up log.
-            reason = next((line for line in str(error).splitlines() if line.strip()), "unknown error")[:300]
+            # OpenVINO's messages run over many lines, led by source locations ("Exception from src/...:84:",
+            # "Check '...' failed at ..."); the last line says what is wrong (RELIABILITY 11.3).
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()
+                     and not line.startswith("Exception from ") and " failed at src/" not in line]
+            reason = (lines[-1] if lines else "unknown error")[:300]
             raise StoreError(f"model '{name}' version {self.version}: cannot compile on {options.device}: "
                              f"{reason}") from None
         self.output_names = [output.get_any_name() for output in self.compiled.outputs]

@@ -58,7 +58,8 @@ class ServerState:
     draining: bool = False
     waiting: int = 0
     in_flight: int = 0
-    abandoned: int = 0  # requests still running when the drain timed out
+    # Every request being handled, on any route: the drain waits for them and cancels what outlasts it (10.1, 10.5).
+    handlers: set[asyncio.Task] = field(default_factory=set)
     # The context of the last analysed frame, for GET /last_image (one frame is kept, replaced by the next).
     last: Context | None = None
     # Moving mean of a request's time in a worker, for Retry-After when the queue is full.
@@ -106,7 +107,13 @@ async def access_log(request: web.Request, handler: Callable[[web.Request], Awai
     state = request.app[STATE]
     request_id = request.headers.get("X-Request-Id", "")[:64] or f"{_REQUEST_PREFIX}-{next(_request_numbers):x}"
     started = time.perf_counter()
-    response = await handler(request)
+    task = asyncio.current_task()
+    assert task is not None
+    state.handlers.add(task)
+    try:
+        response = await handler(request)
+    finally:
+        state.handlers.discard(task)
     duration = time.perf_counter() - started
     endpoint = _route_name(request)
     response.headers["X-Request-Id"] = request_id
@@ -233,10 +240,6 @@ async def _process(request: web.Request, state: ServerState, work: Callable[[], 
         started = time.perf_counter()
         try:
             answer = await asyncio.get_running_loop().run_in_executor(state.workers, work)
-        except asyncio.CancelledError:
-            # Only the end of the drain cancels a handler: its worker thread may still be busy (10.5).
-            state.abandoned += 1
-            raise
         finally:
             state.service_seconds += 0.1 * (time.perf_counter() - started - state.service_seconds)
             state.last_progress = time.monotonic()

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from typing import NoReturn
 
 from aiohttp import web
 
@@ -24,7 +25,11 @@ log = logging.getLogger("appliance.serve")
 EXIT_CONFIG = 78
 EXIT_PORT_IN_USE = 75
 EXIT_DEVICE_ABSENT = 69
+# How long the drain keeps listening, so that new requests learn why they are refused (503 `shutting down`).
 REFUSE_PHASE_S = 1.0
+# After the drain, how long aiohttp may take to finish writing answers already made (aiohttp waits up to twice
+# this): the whole stop stays within drain_timeout_s + 1 s, below systemd's TimeoutStopSec (RELIABILITY 10.2).
+CLOSE_GRACE_S = 0.5
 
 
 def _say(line: str) -> None:
@@ -53,14 +58,45 @@ async def _watchdog(notifier: Notifier, state: ServerState) -> None:
         await asyncio.sleep(interval)
 
 
+def _exit_now(code: int) -> NoReturn:
+    """Exit without joining the worker threads: one still inside a hook would hold interpreter exit until the
+    hook returns, perhaps never (RELIABILITY 10.4, 10.5). The log is flushed and closed first."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+async def _drain(state: ServerState, site: web.BaseSite, seconds: float) -> int:
+    """RELIABILITY 10.1 (2)-(4), with `state.draining` already set: keep listening for a moment so that new
+    requests learn why they are refused, stop listening, then wait for every request being handled, `seconds` in
+    all. Open connections stay open meanwhile: an upload in progress is read to its end, and a request on a
+    keep-alive connection gets 503 `shutting down` with `Connection: close` (8.4). aiohttp's own shutdown would
+    close them at once and drop the rest of an upload. Returns how many requests the deadline abandoned (10.5)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    listen_until = loop.time() + min(REFUSE_PHASE_S, seconds / 2)
+    while state.handlers and loop.time() < listen_until:
+        await asyncio.sleep(0.02)
+    await site.stop()
+    while state.handlers and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    abandoned = list(state.handlers)
+    for task in abandoned:
+        # Its client sees the connection close; a worker thread inside a hook may stay busy (_exit_now).
+        task.cancel()
+    if abandoned:
+        await asyncio.wait(abandoned, timeout=1)
+    return len(abandoned)
+
+
 async def serve_project(project: Project, host: str, port: int, stop_key: str | None) -> int:
     app = create_app(project, stop_key=stop_key)
     state = app[STATE]
-    # The drain (RELIABILITY 10.1): a refusing phase while still listening, then aiohttp's own wait; together
-    # never longer than drain_timeout_s (below systemd's TimeoutStopSec).
-    drain = project.config.limits.drain_timeout_s
-    refuse_phase = min(REFUSE_PHASE_S, drain / 2)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=drain - refuse_phase)
+    drain_timeout = project.config.limits.drain_timeout_s
+    # The drain is ours (_drain); aiohttp's shutdown_timeout (60 s by default, 10.2) only bounds the writing of
+    # answers that were ready when it ended.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=CLOSE_GRACE_S)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
@@ -87,9 +123,10 @@ async def serve_project(project: Project, host: str, port: int, stop_key: str | 
         nonlocal signals_seen
         signals_seen += 1
         if signals_seen > 1:
-            log.warning("second stop signal during the drain: exiting now, abandoning %d requests", state.in_flight)
-            sys.stderr.flush()
-            os._exit(1)
+            # An operator who asks twice wants the process gone now (RELIABILITY 10.4).
+            log.warning("second stop signal during the drain: exiting now, abandoning %d requests",
+                        len(state.handlers))
+            _exit_now(1)
         state.stop_requested.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -120,23 +157,13 @@ async def serve_project(project: Project, host: str, port: int, stop_key: str | 
     notifier.send("STOPPING=1")
     if watchdog is not None:
         watchdog.cancel()
-    state.draining = True
-    log.info("stopping: draining %d requests in flight", state.in_flight)
-    # Still listening while work is in flight (up to REFUSE_PHASE_S): new requests get 503 `shutting down` and
-    # /health/ready 503, so clients and load balancers learn why, rather than meeting a refused connection.
-    # Then aiohttp stops listening, closes idle connections and waits for the rest up to drain_timeout_s.
-    deadline = loop.time() + refuse_phase
-    while (state.in_flight or state.waiting) and loop.time() < deadline:
-        await asyncio.sleep(0.05)
+    state.draining = True  # /health/ready and new analyze requests: 503 `shutting down`
+    log.info("stopping: draining %d requests", len(state.handlers))
+    abandoned = await _drain(state, site, drain_timeout)
+    if abandoned:
+        log.warning("drain timeout of %g s reached: abandoned %d requests", drain_timeout, abandoned)
     await runner.cleanup()
     notifier.close()
-    if state.abandoned:
-        # The drain timeout passed with requests still running (a hook stuck past it): they are lost, and their
-        # worker threads must not hold the exit until they return (RELIABILITY 10.5).
-        log.warning("drain timeout of %g s reached: abandoned %d requests", project.config.limits.drain_timeout_s,
-                    state.abandoned)
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    if abandoned:
+        _exit_now(0)  # a clean stop all the same: systemd must not restart a service it asked to stop
     return 0
