@@ -7,7 +7,7 @@ PROJECT ?= projects/demo
 
 MODEL_STORE := models
 
-.PHONY: install models demo run test test-tools lint bench bench-quality check clean install-service
+.PHONY: install models demo run test test-tools lint bench bench-quality check clean install-service soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ test: models
 
 # System tools some tests use: systemd-analyze (the unit) and Prometheus with promtool (the dashboard). Without
 # them those tests skip; CI installs them and sets APPLIANCE_REQUIRE_TOOLS=1 so that they fail instead.
+# RELIABILITY 13.1: RSS over 5,000 mixed requests (SOAK_REQUESTS=50000 for a nightly run); a few minutes.
+soak: models
+	$(BIN)/python -m pytest -m soak -q -s tests/soak
+
 test-tools:
 	@command -v systemd-analyze >/dev/null && command -v promtool >/dev/null && command -v prometheus >/dev/null \
 	  || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); $$SUDO apt-get update -qq \
