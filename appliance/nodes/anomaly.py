@@ -15,10 +15,8 @@ import numpy as np
 from pydantic import Field, NonNegativeInt, PositiveFloat
 
 from appliance.context import Context
-from appliance.nodes.base import ModelNodeSettings, Node, NodeEnvironment, NodeError, requested
+from appliance.nodes.base import ModelNodeSettings, Node, NodeEnvironment, NodeError, requested, stored_spec
 from appliance.runtime.models import ModelSlot
-from appliance.runtime.spec import read_spec
-from appliance.runtime.store import StoreError, resolve_version
 
 
 class AnomalySettings(ModelNodeSettings):
@@ -45,14 +43,9 @@ class Anomaly(Node[AnomalySettings]):
     def check(cls, settings: AnomalySettings, env: NodeEnvironment) -> list[tuple[tuple[str | int, ...], str]]:
         if set(settings.overrides) - {"threshold"}:
             return [(("overrides",), "anomaly@1 takes only `threshold` from a request")]
-        store = env.project_dir / env.config.models_dir
-        try:
-            spec = read_spec(resolve_version(store, settings.model))
-        except StoreError as error:
-            return [(("model",), f"{error}; put a version in {store / settings.model}/<version>/ "
-                                 "(network, spec.yaml, manifest.json) and name it in its `current` file")]
-        if spec.task != "anomaly":
-            return [(("model",), f"model '{settings.model}' is a {spec.task} model, not an anomaly model")]
+        spec, problems = stored_spec(settings.model, env, ("anomaly",))
+        if spec is None:
+            return problems
         if spec.threshold is None and settings.threshold is None:
             return [(("threshold",), f"model '{settings.model}' has no threshold in its spec.yaml; set one here")]
         return []

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from appliance.config.project import ProjectConfig
     from appliance.context import Context
     from appliance.runtime.models import Runtime
-    from appliance.runtime.spec import LabelSpec
+    from appliance.runtime.spec import LabelSpec, ModelSpec
 
 
 class NodeSettings(BaseModel):
@@ -36,6 +36,27 @@ class ModelNodeSettings(NodeSettings):
     device: str | None = Field(None, description="OpenVINO device for this node instead of the profile's")
     overrides: list[Overridable] = Field(default_factory=list, description="query parameters a request may "
                                          "set for this node, e.g. [threshold, max_labels]")
+
+
+Problems = list[tuple[tuple[str | int, ...], str]]
+
+
+def stored_spec(name: str, env: NodeEnvironment, tasks: tuple[str, ...], field: str = "model"
+                ) -> tuple[ModelSpec | None, Problems]:
+    """The spec of model ``name``'s current version in the project's store, or the problem (at ``field``) that
+    it is missing, unverifiable or of another task; for model nodes' `check`."""
+    from appliance.runtime.spec import read_spec
+    from appliance.runtime.store import StoreError, resolve_version
+
+    store = env.project_dir / env.config.models_dir
+    try:
+        spec = read_spec(resolve_version(store, name))
+    except StoreError as error:
+        return None, [((field,), f"{error}; put a version in {store / name}/<version>/ "
+                                 "(network, spec.yaml, manifest.json) and name it in its `current` file")]
+    if spec.task not in tasks:
+        return None, [((field,), f"model '{name}' is a {spec.task} model, not a {' or '.join(tasks)} model")]
+    return spec, []
 
 
 def requested(ctx: Context, settings: NodeSettings, name: Overridable, configured: Any) -> Any:

@@ -17,10 +17,9 @@ import numpy as np
 from pydantic import Field, PositiveInt
 
 from appliance.context import Context
-from appliance.nodes.base import ModelNodeSettings, Node, NodeEnvironment, NodeError, label_name, requested
+from appliance.nodes.base import ModelNodeSettings, Node, NodeEnvironment, NodeError, label_name, requested, stored_spec
 from appliance.runtime.models import LoadedModel, ModelSlot
-from appliance.runtime.spec import LabelSpec, read_spec
-from appliance.runtime.store import StoreError, resolve_version
+from appliance.runtime.spec import LabelSpec
 
 
 class ClassifySettings(ModelNodeSettings):
@@ -63,16 +62,10 @@ class Classify(Node[ClassifySettings]):
 
     @classmethod
     def check(cls, settings: ClassifySettings, env: NodeEnvironment) -> list[tuple[tuple[str | int, ...], str]]:
-        store = env.project_dir / env.config.models_dir
-        try:
-            spec = read_spec(resolve_version(store, settings.model))
-        except StoreError as error:
-            return [(("model",), f"{error}; put a version in {store / settings.model}/<version>/ "
-                                 "(network, spec.yaml, manifest.json) and name it in its `current` file")]
-        if spec.task != "classify":
-            return [(("model",), f"model '{settings.model}' is a {spec.task} model, not a classify model")]
+        spec, problems = stored_spec(settings.model, env, ("classify",))
+        if spec is None:
+            return problems
         names = {label.name for label in spec.labels}
-        problems: list[tuple[tuple[str | int, ...], str]] = []
         for name, value in settings.thresholds.items():
             if name not in names:
                 problems.append((("thresholds", name), f"model '{settings.model}' has no label '{name}'"))

@@ -29,10 +29,10 @@ import numpy as np
 from pydantic import Field
 
 from appliance.context import Context
-from appliance.nodes.base import ModelNodeSettings, Node, NodeEnvironment, NodeError, label_name, requested
+from appliance.nodes.base import ModelNodeSettings, Node, NodeEnvironment, NodeError, label_name, requested, stored_spec
 from appliance.runtime.models import LoadedModel, ModelSlot
-from appliance.runtime.spec import LabelSpec, ModelSpec, read_spec
-from appliance.runtime.store import StoreError, resolve_version
+from appliance.runtime.spec import LabelSpec, ModelSpec
+from appliance.runtime.store import StoreError
 
 DecoderName = Literal["ssd", "yolo", "yolo_transposed", "separate", "blazeface"]
 DECODERS: tuple[str, ...] = DecoderName.__args__  # type: ignore[attr-defined]
@@ -356,15 +356,9 @@ class DetectionNode(Node[SettingsT]):
 
     @classmethod
     def check(cls, settings: SettingsT, env: NodeEnvironment) -> list[tuple[tuple[str | int, ...], str]]:
-        store = env.project_dir / env.config.models_dir
-        try:
-            spec = read_spec(resolve_version(store, settings.model))
-        except StoreError as error:
-            return [(("model",), f"{error}; put a version in {store / settings.model}/<version>/ "
-                                 "(network, spec.yaml, manifest.json) and name it in its `current` file")]
-        if spec.task not in cls.tasks:
-            return [(("model",), f"model '{settings.model}' is a {spec.task} model, not a "
-                                 f"{' or '.join(cls.tasks)} model")]
+        spec, problems = stored_spec(settings.model, env, cls.tasks)
+        if spec is None:
+            return problems
         try:
             OutputDecoder(spec, [], settings.decoder)
         except ValueError as error:

@@ -16,10 +16,9 @@ import numpy as np
 from pydantic import Field, NonNegativeInt
 
 from appliance.context import Context
-from appliance.nodes.base import ModelNodeSettings, Node, NodeEnvironment, NodeError, label_name, requested
+from appliance.nodes.base import ModelNodeSettings, Node, NodeEnvironment, NodeError, label_name, requested, stored_spec
 from appliance.runtime.models import LoadedModel, ModelSlot
-from appliance.runtime.spec import LabelSpec, read_spec
-from appliance.runtime.store import StoreError, resolve_version
+from appliance.runtime.spec import LabelSpec
 
 
 class SegmentSettings(ModelNodeSettings):
@@ -68,15 +67,7 @@ class Segment(Node[SegmentSettings]):
 
     @classmethod
     def check(cls, settings: SegmentSettings, env: NodeEnvironment) -> list[tuple[tuple[str | int, ...], str]]:
-        store = env.project_dir / env.config.models_dir
-        try:
-            spec = read_spec(resolve_version(store, settings.model))
-        except StoreError as error:
-            return [(("model",), f"{error}; put a version in {store / settings.model}/<version>/ "
-                                 "(network, spec.yaml, manifest.json) and name it in its `current` file")]
-        if spec.task != "segment":
-            return [(("model",), f"model '{settings.model}' is a {spec.task} model, not a segment model")]
-        return []
+        return stored_spec(settings.model, env, ("segment",))[1]
 
     def prepare(self) -> None:
         assert self.env.runtime is not None
