@@ -26,9 +26,10 @@ demo: models
 	$(BIN)/python -m appliance.training.demo_setup projects/demo
 	$(BIN)/python -m appliance.training.demo_setup projects/surface-defects --surface
 
+# projects/vision-api reads its key from VISION_API_KEY: a demo key unless you set your own.
 run: demo
 	@echo "Serving $(PROJECT) (Ctrl+C stops it)"
-	$(BIN)/appliance serve $(PROJECT)
+	VISION_API_KEY=$${VISION_API_KEY:-demo-key} $(BIN)/appliance serve $(PROJECT)
 
 # What the models find: anomaly AUROC per texture and defect, face recall, OCR character accuracy.
 bench-quality: demo
@@ -63,6 +64,7 @@ bench: demo
 	$(BIN)/python bench/model_path.py --project projects/surface-defects
 	$(BIN)/python bench/model_path.py --project projects/classify-objects --skimage coffee,chelsea,astronaut
 	$(BIN)/python bench/faces_path.py
+	$(BIN)/python bench/dialects.py
 	$(BIN)/python bench/ocr_accuracy.py --labels 4 --speed
 	$(BIN)/python bench/startup.py
 

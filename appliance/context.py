@@ -15,7 +15,8 @@ import numpy as np
 
 # Keys that hold arrays or control flags and never go to the client (PROTOCOL.md 2).
 # `request`: the query parameters the flow lets a request set (overrides, lang), read by the nodes.
-PRIVATE_KEYS = frozenset({"image", "heatmaps", "exit", "items", "request"})
+# `timings`: (node id, seconds) per node run, for the APIs that report them.
+PRIVATE_KEYS = frozenset({"image", "heatmaps", "exit", "items", "request", "timings"})
 
 
 class Context(dict):

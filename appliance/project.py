@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from appliance.config.flow import FlowSpec
 from appliance.config.loader import ProjectFiles, load_project_files, sorted_problems
+from appliance.config.source import YamlDocument
 from appliance.context import Context, finish
 from appliance.errors import ConfigError, DeviceUnavailable
 from appliance.flow.graph import FlowGraph, compile_flow
 from appliance.flow.runner import FlowRunner
-from appliance.nodes.base import NodeEnvironment
+from appliance.nodes import NODE_TYPES
+from appliance.nodes.base import Node, NodeEnvironment, stored_spec
 from appliance.runtime.devices import place
 from appliance.runtime.models import Runtime, RuntimeOptions, default_cache_dir
 
@@ -26,15 +30,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# A stored model's task -> the node type (and settings) that runs it alone (Project.model_capability).
+TASK_NODES: dict[str, tuple[str, dict[str, Any]]] = {
+    "classify": ("classify@1", {"show_discarded": True, "max_predictions": 100, "threshold": 0.5}),
+    "detect": ("detect@1", {}),
+    "faces": ("faces@1", {"mode": "box"}),
+    "segment": ("segment@1", {}),
+    "anomaly": ("anomaly@1", {}),
+}
+
 
 class Project:
-    def __init__(self, files: ProjectFiles, graph: FlowGraph, env: NodeEnvironment):
+    def __init__(self, files: ProjectFiles, graph: FlowGraph, env: NodeEnvironment,
+                 capability_graphs: dict[str, FlowGraph] | None = None):
         self.files = files
         self.config = files.config
-        self.api_key = files.api_key
+        self.api_keys = files.api_keys
         self.graph = graph
         self.env = env
         self.runner = FlowRunner(graph)
+        # capability -> the runner of the flow that answers it (objects, faces, text...; config/project.py).
+        self.capabilities = {name: FlowRunner(g) for name, g in (capability_graphs or {}).items()}
+        self._model_flows_lock = threading.Lock()
         self.ready_nodes = 0
         self.flow_sha256 = hashlib.sha256(files.flow_path.read_bytes()).hexdigest()
         assert env.runtime is not None
@@ -59,21 +76,41 @@ class Project:
         env = NodeEnvironment(project_dir=files.directory, config=config, code_allowed=code_allowed,
                               runtime=runtime)
         graph, problems = compile_flow(files.flow, env)
-        if graph is None:
+        capability_graphs = {}
+        for capability, flow in files.capability_flows.items():
+            capability_graph, capability_problems = compile_flow(flow, env)
+            problems += capability_problems
+            if capability_graph is not None:
+                capability_graphs[capability] = capability_graph
+        if graph is None or problems:
             raise ConfigError(sorted_problems(problems))
-        return cls(files, graph, env)
+        return cls(files, graph, env, capability_graphs)
 
     @property
     def name(self) -> str:
         return self.config.name
 
     @property
+    def api_key(self) -> bytes | None:
+        """The key named "default" (`api_key` in project.yaml)."""
+        return self.api_keys.get("default")
+
+    @property
+    def runners(self) -> list[FlowRunner]:
+        """The project's flow, then the capabilities' flows."""
+        return [self.runner, *self.capabilities.values()]
+
+    @property
+    def nodes(self) -> list[Node]:
+        return [node for runner in self.runners for node in runner.graph.nodes.values()]
+
+    @property
     def node_count(self) -> int:
-        return len(self.graph.nodes)
+        return len(self.nodes)
 
     def prepare(self) -> None:
         """Load hooks and compile models (in a worker thread); the project is ready when every node is."""
-        for node in self.graph.nodes.values():
+        for node in self.nodes:
             node.prepare()
             self.ready_nodes += 1
 
@@ -98,12 +135,39 @@ class Project:
                 ranges[name] = (low, high)
         return ranges
 
-    def inspect(self, frame: Frame, data: str, request: dict[str, Any] | None = None) -> Context:
-        """Run the flow on one frame; never raises for a problem inside the flow (it is in `errors`).
-        ``request``: the validated overrides and ``lang`` of the query (see server/params.py)."""
+    def model_capability(self, model: str) -> str:
+        """The capability key (``model:<name>``) of a one-node flow that runs stored model ``model`` with its
+        task's node type and default settings, built and prepared on first use (it compiles the model: call it
+        from a worker thread). Raises ConfigError when the model is missing or no node type runs its task."""
+        key = f"model:{model}"
+        with self._model_flows_lock:
+            if key in self.capabilities:
+                return key
+            spec, spec_problems = stored_spec(model, self.env, tuple(TASK_NODES))
+            if spec is None:
+                raise ConfigError([message for _, message in spec_problems])
+            node_type, extra = TASK_NODES[spec.task]
+            settings = NODE_TYPES[node_type].settings_model.model_validate({"type": node_type, "model": model,
+                                                                            **extra})
+            flow = FlowSpec({model: settings}, YamlDocument(f"<model {model}>", {"nodes": {model: {}}}))
+            graph, problems = compile_flow(flow, self.env)
+            if graph is None:
+                raise ConfigError(sorted_problems(problems))
+            runner = FlowRunner(graph)
+            runner.observe_node = self.runner.observe_node
+            for node in graph.nodes.values():
+                node.prepare()
+            self.capabilities[key] = runner
+            return key
+
+    def inspect(self, frame: Frame, data: str, request: dict[str, Any] | None = None,
+                capability: str | None = None) -> Context:
+        """Run the flow (or the flow of ``capability``) on one frame; never raises for a problem inside the flow
+        (it is in `errors`). ``request``: the validated overrides and ``lang`` the flow's nodes read."""
         started = time.perf_counter()
         ctx = Context.for_frame(frame.image, data, frame.warnings, request)
-        ctx = self.runner.run(ctx)
+        runner = self.runner if capability is None else self.capabilities[capability]
+        ctx = runner.run(ctx)
         finish(ctx, started)
         return ctx
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from appliance import frames  # noqa: E402
 from appliance.context import to_json  # noqa: E402
 from appliance.project import Project  # noqa: E402
-from appliance.server import answer  # noqa: E402
+from appliance.server import render as answer  # noqa: E402
 from tests.conftest import start_server  # noqa: E402
 
 WIDTH, HEIGHT = 1920, 1080

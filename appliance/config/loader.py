@@ -9,8 +9,8 @@ from pydantic import ValidationError
 
 from appliance.config.flow import FlowSpec, validate_flow
 from appliance.config.profile import FirmwareProfile, load_profile
-from appliance.config.project import ProjectConfig, resolve_api_key
-from appliance.config.source import Problem, load_yaml, validation_problems
+from appliance.config.project import KeySource, ProjectConfig, resolve_key
+from appliance.config.source import Problem, YamlDocument, load_yaml, validation_problems
 from appliance.errors import ConfigError
 
 PROJECT_FILE = "project.yaml"
@@ -22,9 +22,12 @@ class ProjectFiles:
 
     directory: Path
     config: ProjectConfig
-    api_key: bytes | None
+    # name -> key; empty when the project needs no key ("default" is `api_key`).
+    api_keys: dict[str, bytes]
     flow: FlowSpec
     flow_path: Path
+    # capability -> its flow, as `capabilities:` names them.
+    capability_flows: dict[str, FlowSpec]
     profile: FirmwareProfile
     # Where project.yaml names the profile, for the problem when its device is absent here.
     profile_problem: Problem
@@ -48,17 +51,23 @@ def load_project_files(project_dir: Path) -> ProjectFiles:
     doc = load_yaml(project_path, _display(project_path))
     problems: list[Problem] = list(doc.problems)
     config = None
-    api_key = None
+    api_keys: dict[str, bytes] = {}
     if not problems:
         try:
             config = ProjectConfig.model_validate(doc.data if isinstance(doc.data, dict) else {})
         except ValidationError as error:
             problems += validation_problems(doc, error, ProjectConfig)
     if config is not None:
-        try:
-            api_key = resolve_api_key(config, project_dir)
-        except ValueError as error:
-            problems.append(doc.problem(("api_key",), str(error)))
+        named: list[tuple[tuple[str, ...], str, KeySource]] = []
+        if config.api_key is not None:
+            named.append((("api_key",), "default", config.api_key))
+        named += [(("api_keys", name), name, source) for name, source in config.api_keys.items()]
+        for path, name, source in named:
+            try:
+                api_keys[name] = resolve_key(source, project_dir, ".".join(map(str, path)))
+            except ValueError as error:
+                problems.append(doc.problem(path, str(error)))
+        problems += _api_settings_problems(doc, config)
     profile = None
     if config is not None:
         profile, profile_problems = load_profile(config.firmware_profile)
@@ -66,27 +75,54 @@ def load_project_files(project_dir: Path) -> ProjectFiles:
             problems.append(doc.problem(("firmware_profile",), "; ".join(
                 p.message if p.file.endswith(f"{config.firmware_profile}.yaml") and not p.line else str(p)
                 for p in profile_problems)))
-    flow = None
-    flow_path = project_dir
-    if config is not None and isinstance(config.flow, dict):
-        flow_path = project_path
-        flow, flow_problems = validate_flow(doc.part(("flow",)))
+    flow, flow_path = None, project_dir
+    capability_flows: dict[str, FlowSpec] = {}
+    if config is not None:
+        flow, flow_path, flow_problems = _load_flow(doc, ("flow",), config.flow, project_path)
         problems += flow_problems
-    elif config is not None and isinstance(config.flow, str):
-        flow_path = (project_dir / config.flow).resolve()
-        flow_doc = load_yaml(flow_path, _display(flow_path))
-        if flow_doc.problems:
-            if not flow_path.is_file():
-                problems.append(doc.problem(("flow",), f"flow file {_display(flow_path)} not found"))
-            else:
-                problems += flow_doc.problems
-        else:
-            flow, flow_problems = validate_flow(flow_doc)
-            problems += flow_problems
+        for capability, reference in config.capabilities.named().items():
+            found, _, found_problems = _load_flow(doc, ("capabilities", capability), reference, project_path)
+            problems += found_problems
+            if found is not None:
+                capability_flows[capability] = found
     if problems or config is None or flow is None or profile is None:
         raise ConfigError(sorted_problems(problems))
-    return ProjectFiles(project_dir, config, api_key, flow, flow_path, profile,
+    return ProjectFiles(project_dir, config, api_keys, flow, flow_path, capability_flows, profile,
                         doc.problem(("firmware_profile",), ""))
+
+
+def _load_flow(doc: YamlDocument, path: tuple[str, ...], reference: str | dict, project_path: Path
+               ) -> tuple[FlowSpec | None, Path, list[Problem]]:
+    """A flow named at ``path`` of project.yaml: inline (a mapping) or a file relative to the project folder."""
+    if isinstance(reference, dict):
+        flow, problems = validate_flow(doc.part(path))
+        return flow, project_path, problems
+    flow_path = (project_path.parent / reference).resolve()
+    flow_doc = load_yaml(flow_path, _display(flow_path))
+    if flow_doc.problems:
+        if not flow_path.is_file():
+            return None, flow_path, [doc.problem(path, f"flow file {_display(flow_path)} not found")]
+        return None, flow_path, list(flow_doc.problems)
+    flow, problems = validate_flow(flow_doc)
+    return flow, flow_path, problems
+
+
+def _api_settings_problems(doc: YamlDocument, config: ProjectConfig) -> list[Problem]:
+    """Each API's settings, checked by that API's own model, with their places in project.yaml."""
+    from appliance.server.dialects import dialect_class
+
+    problems: list[Problem] = []
+    for name, settings in config.api_settings.items():
+        if name not in config.apis:
+            problems.append(doc.problem(("api_settings", name), f"settings for '{name}', which `apis` does not "
+                                        f"list ({', '.join(config.apis)})", at_key=True))
+            continue
+        model = dialect_class(name).settings_model
+        try:
+            model.model_validate(settings)
+        except ValidationError as error:
+            problems += validation_problems(doc, error, model, ("api_settings", name))
+    return problems
 
 
 def sorted_problems(problems: list[Problem]) -> list[str]:

@@ -63,13 +63,41 @@ class MetricsSettings(StrictModel):
     loopback_only: bool = False  # 403 for scrapers that are not on this machine
 
 
+KeySource = str | KeyFromEnv | KeyFromFile
+# A flow: the path of a flow file relative to the project folder, or the flow itself (a 'nodes' mapping).
+FlowReference = str | dict[str, Any]
+
+
+class Capabilities(StrictModel):
+    """What the vision APIs sell, each answered by a flow of the project's. A dialect asks for a capability by its
+    name; a project that names no flow for it answers that API's "not installed" error."""
+
+    objects: FlowReference | None = None
+    food: FlowReference | None = None
+    faces: FlowReference | None = None
+    text: FlowReference | None = None
+    nsfw: FlowReference | None = None
+    demographics: FlowReference | None = None
+    identities: FlowReference | None = None
+
+    def named(self) -> dict[str, FlowReference]:
+        return {name: getattr(self, name) for name in type(self).model_fields if getattr(self, name) is not None}
+
+
 class ProjectConfig(StrictModel):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     flow: str | dict[str, Any] = Field(
         description="path of the flow file, relative to the project folder, or the flow itself (a 'nodes' mapping)")
-    api_key: str | KeyFromEnv | KeyFromFile | None = None
+    api_key: KeySource | None = None
+    # Several keys, each with a name (logs and per-key quotas use the name, never the key): a literal, env or file.
+    api_keys: dict[str, KeySource] = Field(default_factory=dict)
+    # The vendor APIs this project serves on its port (appliance/server/dialects/); their paths do not collide.
+    apis: list[str] = Field(default_factory=lambda: ["pekat"], min_length=1)
+    # Per-API settings, each validated by that API's own settings model (e.g. imagerecognize: {daily_quota: 3000}).
+    api_settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    capabilities: Capabilities = Capabilities()
     firmware_profile: str = "cpu"
     models_dir: str = Field("models", description="the project's model store, relative to the project folder")
     # OpenVINO's compiled-model cache; default: systemd's CacheDirectory, else <project>/.cache/openvino.
@@ -97,6 +125,18 @@ class ProjectConfig(StrictModel):
             raise ValueError("api_key is empty; remove the key to serve without one, or set a real key")
         return value
 
+    @field_validator("apis")
+    @classmethod
+    def _apis_known(cls, value: list[str]) -> list[str]:
+        from appliance.server.dialects import DIALECT_NAMES
+
+        for name in value:
+            if name not in DIALECT_NAMES:
+                raise ValueError(f"unknown API '{name}'; known: {', '.join(DIALECT_NAMES)}")
+        if len(set(value)) != len(value):
+            raise ValueError("an API is listed twice")
+        return value
+
     @model_validator(mode="after")
     def _body_fits_a_frame(self) -> ProjectConfig:
         if self.limits.max_body_bytes is not None and self.limits.max_body_bytes < 1024:
@@ -104,16 +144,24 @@ class ProjectConfig(StrictModel):
         return self
 
 
-def resolve_api_key(config: ProjectConfig, project_dir: Path) -> bytes | None:
-    """The key as bytes (compared with hmac.compare_digest on bytes, RELIABILITY 5.4), or None for no key."""
-    source = config.api_key
-    if source is None:
-        return None
+def resolve_api_keys(config: ProjectConfig, project_dir: Path) -> dict[str, bytes]:
+    """Every key by name (`api_key` is named "default"); empty when the project needs none. Raises ValueError
+    with the key's place for the first that cannot be read."""
+    keys: dict[str, bytes] = {}
+    if config.api_key is not None:
+        keys["default"] = resolve_key(config.api_key, project_dir, "api_key")
+    for name, source in config.api_keys.items():
+        keys[name] = resolve_key(source, project_dir, f"api_keys.{name}")
+    return keys
+
+
+def resolve_key(source: KeySource, project_dir: Path, where: str = "api_key") -> bytes:
+    """The key as bytes (compared with hmac.compare_digest on bytes, RELIABILITY 5.4)."""
     if isinstance(source, str):
         value = source
     elif isinstance(source, KeyFromEnv):
         if source.env not in os.environ:
-            raise ValueError(f"api_key.env: environment variable {source.env} is not set")
+            raise ValueError(f"{where}.env: environment variable {source.env} is not set")
         value = os.environ[source.env]
     else:
         path = Path(source.file)
@@ -121,7 +169,7 @@ def resolve_api_key(config: ProjectConfig, project_dir: Path) -> bytes | None:
         try:
             value = path.read_text(encoding="utf-8").strip()
         except OSError as error:
-            raise ValueError(f"api_key.file: cannot read {path}: {error.strerror}") from None
+            raise ValueError(f"{where}.file: cannot read {path}: {error.strerror}") from None
     if not value:
-        raise ValueError("api_key resolves to an empty key")
+        raise ValueError(f"{where} resolves to an empty key")
     return value.encode("utf-8")

@@ -21,14 +21,14 @@ from appliance.nodes.code import HookFailed
 
 log = logging.getLogger(__name__)
 
-_CONCATENATED = ("detectedRectangles", "heatmaps", "errors", "evaluation", "warnings", "models")
+_CONCATENATED = ("detectedRectangles", "heatmaps", "errors", "evaluation", "warnings", "models", "timings")
 _TEXTS = ("stdout", "stderr")
 # Keys that every context has: merged by rule above, never dropped as "custom".
 _STANDARD = frozenset({
     "result", "processing", "error", "errors", "imageShape", "processingTime", "completeTime", "save", "data",
     "production_mode", "operatorInput", "globalData", "stdout", "stderr", "surfaceClasses", "angle", "lines",
     "detectedRectangles", "image", "heatmaps", "exit", "items", "evaluation", "warnings", "score", "threshold",
-    "models",
+    "models", "timings",
 })
 
 
@@ -104,8 +104,10 @@ class FlowRunner:
             except Exception as error:  # noqa: BLE001 - a broken node answers with an error entry, not a 500
                 log.exception("node %s failed", node_id)
                 self._fail(ctx, {"node": node_id, "type": type(error).__name__, "message": str(error)[:200]})
+            seconds = time.perf_counter() - started
+            ctx.setdefault("timings", []).append((node_id, seconds))
             if self.observe_node is not None:
-                self.observe_node(node_id, node.settings.type, time.perf_counter() - started)
+                self.observe_node(node_id, node.settings.type, seconds)
             if ctx.get("exit"):
                 return ctx
             targets = self.graph.successors[node_id]

@@ -31,13 +31,25 @@ def key_candidates(request: web.Request, query: dict[str, bytes]) -> list[bytes]
     return candidates
 
 
-def require_key(request: web.Request, query: dict[str, bytes], key: bytes | None) -> None:
-    """Every key given must match; several that disagree are refused (RELIABILITY 5.3)."""
-    if key is None:
-        return
+def key_name(presented: bytes, keys: dict[str, bytes]) -> str | None:
+    """The name of the project's key that ``presented`` is, or None. Every key is compared, in constant time
+    (compare_digest on bytes: on str it raises TypeError for non-ASCII keys, RELIABILITY 5.4)."""
+    found = None
+    for name, key in keys.items():
+        if hmac.compare_digest(presented, key):
+            found = name
+    return found
+
+
+def require_key(request: web.Request, query: dict[str, bytes], keys: dict[str, bytes]) -> str | None:
+    """The name of the key the request carries (None when the project needs none). Every key given must be
+    the same project key; several that disagree are refused (RELIABILITY 5.3)."""
+    if not keys:
+        return None
     candidates = key_candidates(request, query)
     if not candidates:
         raise Unauthorized("missing API key")
-    # compare_digest on bytes: on str it raises TypeError for non-ASCII keys (RELIABILITY 5.4).
-    if not all([hmac.compare_digest(candidate, key) for candidate in candidates]):
+    names = [key_name(candidate, keys) for candidate in candidates]
+    if names[0] is None or any(name != names[0] for name in names):
         raise Unauthorized("wrong API key")
+    return names[0]

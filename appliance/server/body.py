@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import parse_qsl
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from appliance.config.project import Limits
 from appliance.errors import ApplianceError, BadRequest, ClientGone, PayloadTooLarge
@@ -84,3 +85,54 @@ async def read_multipart_file(request: web.Request, limits: Limits) -> bytes:
         raise BadRequest(f"multipart body could not be parsed: {str(error)[:100]}") from None
     present = ", ".join(n for n in names if n) or "none"
     raise BadRequest(f"multipart body has no 'file' field (fields present: {present})")
+
+
+MAX_FIELD_BYTES = 65_536
+
+
+async def read_form(request: web.Request, limits: Limits, filenames: dict[str, str] | None = None
+                    ) -> tuple[dict[str, str], dict[str, bytes]]:
+    """A form body, multipart or urlencoded, within the body limit and time: (text fields, file parts). A part
+    with a filename, or whose bytes are not UTF-8, is a file; text fields over 64 KiB are refused. A name given
+    twice keeps its first value (the vendor APIs read forms with the first value). ``filenames``, when given,
+    receives the filename each file part was sent with."""
+    check_declared_size(request, limits)
+    fields: dict[str, str] = {}
+    files: dict[str, bytes] = {}
+    try:
+        async with asyncio.timeout(limits.body_read_timeout_s):
+            if request.content_type == "multipart/form-data":
+                reader = await request.multipart()
+                size = 0
+                while (part := await reader.next()) is not None:
+                    if not isinstance(part, BodyPartReader):
+                        raise BadRequest("nested multipart bodies are not supported")
+                    name = part.name or ""
+                    chunks = []
+                    while chunk := await part.read_chunk(1 << 20):
+                        size += len(chunk)
+                        if size > limits.body_bytes:
+                            raise too_large(size, limits.body_bytes)
+                        chunks.append(chunk)
+                    value = b"".join(chunks)
+                    if part.filename is None and len(value) <= MAX_FIELD_BYTES:
+                        try:
+                            fields.setdefault(name, value.decode("utf-8"))
+                            continue
+                        except UnicodeDecodeError:
+                            pass
+                    files.setdefault(name, value)
+                    if filenames is not None and part.filename is not None:
+                        filenames.setdefault(name, part.filename)
+            elif request.content_type == "application/x-www-form-urlencoded":
+                body = await read_body(request, limits)
+                for key, text in parse_qsl(bytes(body).decode("utf-8", "replace"), keep_blank_values=True):
+                    fields.setdefault(key, text)
+    except TimeoutError:
+        raise ApplianceError(f"body not received within {limits.body_read_timeout_s:g} s", status=408,
+                             headers=CLOSE) from None
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large(limits.body_bytes + 1, limits.body_bytes) from None
+    except ValueError as error:
+        raise BadRequest(f"form body could not be parsed: {str(error)[:100]}") from None
+    return fields, files

@@ -15,7 +15,8 @@ from aiohttp import web
 
 from appliance.project import Project
 from appliance.runtime.store import StoreError
-from appliance.server.app import STATE, ServerState, create_app, queue_depth
+from appliance.server.app import create_app, queue_depth
+from appliance.server.core import STATE, ServerState
 from appliance.telemetry.systemd import Notifier
 from appliance.threads import started_pool
 

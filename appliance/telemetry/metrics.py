@@ -20,10 +20,11 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._serving: set[tuple[str, str, str]] = set()  # (model, version, device) of the loaded versions
         r = self.registry
-        self.requests = Counter("appliance_requests", "HTTP requests by route and status code",
-                                ["endpoint", "code"], registry=r)
+        # api: the dialect that served the route (pekat, deepomatic, ..., core for health and metrics).
+        self.requests = Counter("appliance_requests", "HTTP requests by route, status code and API",
+                                ["endpoint", "code", "api"], registry=r)
         self.request_duration = Histogram("appliance_request_duration_seconds", "End-to-end request latency",
-                                          ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+                                          ["endpoint", "api"], buckets=LATENCY_BUCKETS, registry=r)
         self.stage_duration = Histogram("appliance_stage_duration_seconds", "Time per stage of an analyze "
                                         "request: receive (body read), decode (or demosaic, or shared-memory "
                                         "copy), flow (all nodes), encode (the answer)", ["stage"],

@@ -482,7 +482,7 @@ def test_2_8_client_gone_mid_upload_is_counted_and_leaves_no_traceback(keyed):
                                             (("192.168.1.2", 5), False), (("::ffff:10.0.0.1", 5, 0, 0), False),
                                             (None, False)])
 def test_6_1_shared_memory_is_only_for_loopback_peers(peer, loopback):
-    from appliance.server.app import is_loopback
+    from appliance.server.core import is_loopback
 
     assert is_loopback(peer) is loopback
 

@@ -68,7 +68,7 @@ def test_stages_nodes_and_inference_are_timed_per_request(served: Server) -> Non
     assert grew("appliance_inference_duration_seconds_count", model="red", version="1", device="CPU") == 3
     assert grew("appliance_inference_duration_seconds_sum", model="red", version="1", device="CPU") > 0
     assert grew("appliance_verdicts_total", result="ok") == 3
-    assert grew("appliance_requests_total", endpoint="/analyze_raw_image", code="200") == 1
+    assert grew("appliance_requests_total", endpoint="/analyze_raw_image", code="200", api="pekat") == 1
     assert value(after, "appliance_model_loads_total", model="red") == 1
     assert value(after, "appliance_model_info", model="red", version="1", device="CPU", precision="f32") == 1
     assert value(after, "appliance_project_info", project="test", flow_sha256=value_of_label(

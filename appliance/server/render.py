@@ -1,4 +1,5 @@
-"""Context -> HTTP answer: JSON, or an image with the context in the body or in a header (PROTOCOL.md 4).
+"""The answer images every API can return: the annotated frame (verdict, rectangles, heat map), the heat map
+alone, and their encoding.
 
 Rendering and encoding run in the worker thread with the flow. PNG is written uncompressed with no
 row filter: OpenCV's default PNG costs about 70 ms for a 1080p frame and level 0 about 12 ms
@@ -8,26 +9,26 @@ row filter: OpenCV's default PNG costs about 70 ms for a 1080p frame and level 0
 
 from __future__ import annotations
 
-import base64
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
-from appliance.context import Context, to_json
+from appliance.context import Context
 from appliance.errors import ApplianceError
 
-# Python's http.client refuses header lines over 64 KiB (PROTOCOL.md 4).
-MAX_CONTEXT_HEADER = 60_000
 _PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 0, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE,
              cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
 
 
 @dataclass
 class Answer:
+    """An HTTP answer made in a worker thread; the event loop only sends it."""
+
     body: bytes
     content_type: str
-    headers: dict[str, str]
+    headers: dict[str, str] = field(default_factory=dict)
+    status: int = 200
 
 
 def _bgr(image: np.ndarray) -> np.ndarray:
@@ -60,7 +61,7 @@ def _colour(heat: np.ndarray) -> np.ndarray:
     return cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
 
 
-def render_heatmap(ctx: Context) -> np.ndarray:
+def heatmap(ctx: Context) -> np.ndarray:
     """The heat maps, colour-mapped onto the final image's geometry; black where there is none."""
     heat, covered = _heat(ctx)
     colored = _colour(heat)
@@ -68,7 +69,7 @@ def render_heatmap(ctx: Context) -> np.ndarray:
     return colored
 
 
-def render_annotated(ctx: Context) -> np.ndarray:
+def annotated(ctx: Context) -> np.ndarray:
     image = _bgr(ctx["image"]).copy()
     if ctx.get("heatmaps"):
         heat, covered = _heat(ctx)
@@ -119,23 +120,3 @@ def encode(image: np.ndarray, image_format: str, jpeg_quality: int) -> tuple[byt
     return buffer.tobytes(), content_type
 
 
-def build_answer(ctx: Context, response_type: str, *, context_in_body: bool, image_format: str,
-                 jpeg_quality: int) -> Answer:
-    if response_type == "context":
-        return Answer(to_json(ctx), "application/json", {})
-    if response_type == "image":
-        picture = ctx["image"]
-    elif response_type == "annotated_image":
-        picture = render_annotated(ctx)
-    else:
-        picture = render_heatmap(ctx)
-    image_bytes, content_type = encode(picture, image_format, jpeg_quality)
-    context_json = to_json(ctx)
-    if context_in_body:
-        return Answer(image_bytes + context_json, "application/octet-stream", {"ImageLen": str(len(image_bytes))})
-    header = base64.b64encode(context_json).decode("ascii")
-    if len(header) > MAX_CONTEXT_HEADER:
-        raise ApplianceError(
-            f"context is {len(header)} bytes as a header, over the {MAX_CONTEXT_HEADER} that HTTP clients accept; "
-            "add context_in_body to the query to receive it in the body")
-    return Answer(image_bytes, content_type, {"ContextBase64utf": header})

@@ -1,0 +1,200 @@
+"""The serving core every API shares: the server's state, admission (queue, deadline, in-flight, Retry-After) and
+the inspection of one frame in a worker thread. It knows no vendor: a dialect reads its own request, hands the
+core a decoder and a renderer, and gets an Answer back (its renderer ran in the worker, off the event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from appliance import frames
+from appliance.context import Context
+from appliance.errors import ClientGone, PayloadTooLarge, ServiceUnavailable
+from appliance.project import Project
+from appliance.server.body import CLOSE, check_declared_size
+from appliance.server.inspection import Inspection
+from appliance.server.render import Answer
+from appliance.telemetry.metrics import Metrics
+
+if TYPE_CHECKING:
+    from appliance.server.dialects.base import Dialect
+
+
+@dataclass
+class ServerState:
+    project: Project
+    stop_key: str | None
+    metrics: Metrics
+    workers: ThreadPoolExecutor
+    slots: int
+    queue_depth: int
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    ready: bool = False
+    draining: bool = False
+    waiting: int = 0
+    in_flight: int = 0
+    # Every request being handled, on any route: the drain waits for them and cancels what outlasts it (10.1, 10.5).
+    handlers: set[asyncio.Task] = field(default_factory=set)
+    # The context of the last analysed frame, for GET /last_image (one frame is kept, replaced by the next).
+    last: Context | None = None
+    # Moving mean of a request's time in a worker, for Retry-After when the queue is full.
+    service_seconds: float = 0.05
+    # When a worker last finished a request: the systemd watchdog pings only while workers progress.
+    last_progress: float = field(default_factory=time.monotonic)
+    # The APIs this project serves, by name (project.yaml `apis`).
+    dialects: dict[str, Dialect] = field(default_factory=dict)
+    semaphore: asyncio.Semaphore = field(init=False)
+    code_nodes: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.semaphore = asyncio.Semaphore(self.slots)
+        self.code_nodes = frozenset(node.id for node in self.project.nodes if node.settings.type == "code@1")
+
+
+STATE = web.AppKey("state", ServerState)
+
+
+def is_loopback(peer: tuple | None) -> bool:
+    """From the socket's own peer address, never from headers such as X-Forwarded-For (RELIABILITY 6.1)."""
+    if not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def peer_is_loopback(request: web.Request) -> bool:
+    return is_loopback(request.transport.get_extra_info("peername") if request.transport else None)
+
+
+def admit(state: ServerState) -> None:
+    """Refuse at once what cannot be served: not ready, draining, or the queue full (RELIABILITY 8.1, 8.4)."""
+    if state.draining:
+        state.metrics.rejected.labels("draining").inc()
+        raise ServiceUnavailable("shutting down", headers=CLOSE)
+    if not state.ready:
+        raise ServiceUnavailable(f"not ready: preparing the flow's nodes ({state.project.ready_nodes} of "
+                                 f"{state.project.node_count} ready)", headers={"Retry-After": "1"})
+    if state.waiting >= state.queue_depth:
+        state.metrics.rejected.labels("queue_full").inc()
+        # HTTP allows whole seconds only (RELIABILITY 8.1): the time to work off the queue, at least 1.
+        retry = max(1, math.ceil(state.waiting * state.service_seconds / state.slots))
+        raise ServiceUnavailable(f"busy: queue of {state.queue_depth} is full", headers={"Retry-After": str(retry)})
+
+
+def frame_size_allowed(state: ServerState, width: int, height: int) -> None:
+    limit = state.project.config.limits.max_frame_pixels
+    if width * height > limit:
+        raise PayloadTooLarge(f"frame {width}x{height} = {width * height} pixels exceeds this project's "
+                              f"max_frame_pixels {limit}", headers=CLOSE)
+
+
+async def in_worker(request: web.Request | None, state: ServerState, work: Callable[[], Answer]) -> Answer:
+    """Wait for a worker within the queue timeout, then run ``work`` there. ``request``: the client whose
+    departure makes the work pointless (None for work nobody waits on, such as a queued API task)."""
+    admit(state)
+    limits = state.project.config.limits
+    state.waiting += 1
+    state.metrics.queue_depth.inc()
+    try:
+        try:
+            if state.semaphore.locked():
+                async with asyncio.timeout(limits.queue_timeout_s):
+                    await state.semaphore.acquire()
+            else:
+                await state.semaphore.acquire()
+        except TimeoutError:
+            state.metrics.rejected.labels("deadline").inc()
+            raise ServiceUnavailable(f"deadline exceeded: waited {limits.queue_timeout_s:g} s in queue",
+                                     headers={"Retry-After": "1"}) from None
+    finally:
+        state.waiting -= 1
+        state.metrics.queue_depth.dec()
+    try:
+        if request is not None and (request.transport is None or request.transport.is_closing()):
+            raise ClientGone("queued")
+        state.in_flight += 1
+        state.metrics.in_flight.inc()
+        started = time.perf_counter()
+        try:
+            answer = await asyncio.get_running_loop().run_in_executor(state.workers, work)
+        finally:
+            state.service_seconds += 0.1 * (time.perf_counter() - started - state.service_seconds)
+            state.last_progress = time.monotonic()
+            state.in_flight -= 1
+            state.metrics.in_flight.dec()
+        if request is not None and (request.transport is None or request.transport.is_closing()):
+            raise ClientGone("inference")
+    finally:
+        state.semaphore.release()
+    return answer
+
+
+async def inspect(request: web.Request | None, state: ServerState, decode: Callable[[], frames.Frame],
+                  render: Callable[[Inspection], Answer], *, data: str = "", options: dict[str, Any] | None = None,
+                  capability: str | None = None, started: float | None = None,
+                  received: float | None = None) -> Answer:
+    """Decode a frame, run the project's flow (or a capability's flow) on it and render the answer, all in a
+    worker thread. ``options``: the validated node overrides and ``lang`` (see nodes/base.py `requested`);
+    ``started``/``received``: when the request arrived and its body was read, for the stage metrics."""
+    project = state.project
+    stages = state.metrics.stages
+    started = time.perf_counter() if started is None else started
+    if received is not None:
+        stages["receive"].observe(received - started)
+
+    def work() -> Answer:
+        decoding = time.perf_counter()
+        frame = decode()
+        inspecting = time.perf_counter()
+        stages["decode"].observe(inspecting - decoding)
+        ctx = project.inspect(frame, data, options, capability)
+        encoding = time.perf_counter()
+        stages["flow"].observe(encoding - inspecting)
+        state.last = ctx
+        state.metrics.verdicts.labels("ok" if ctx.get("result") else "ng").inc()
+        for error in ctx.get("errors", []):
+            node = error.get("node") if isinstance(error, dict) else None
+            if node in state.code_nodes and "type" in error:
+                state.metrics.hook_errors.labels(node).inc()
+        ctx["completeTime"] = time.perf_counter() - started
+        answer = render(Inspection(ctx, capability))
+        stages["encode"].observe(time.perf_counter() - encoding)
+        return answer
+
+    return await in_worker(request, state, work)
+
+
+def response(answer: Answer) -> web.Response:
+    return web.Response(body=answer.body, status=answer.status, content_type=answer.content_type,
+                        headers=answer.headers)
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """Refuse an oversized upload before inviting it with `100 Continue` (RELIABILITY 2.9); the answer is in the
+    shape of the route's API."""
+    from appliance.server.app import dialect_of
+
+    state = request.app[STATE]
+    try:
+        check_declared_size(request, state.project.config.limits)
+    except PayloadTooLarge as error:
+        state.metrics.rejected.labels("too_large").inc()
+        return dialect_of(request).error_response(error)
+    if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+    return None

@@ -1,0 +1,18 @@
+"""The dialect registry: one line per vendor API. project.yaml `apis` names them; the app mounts their routes."""
+
+from __future__ import annotations
+
+from appliance.server.dialects.base import Dialect
+from appliance.server.dialects.pekat import Pekat
+
+DIALECTS: dict[str, type[Dialect]] = {
+    dialect.name: dialect
+    for dialect in (
+        Pekat,
+    )
+}
+DIALECT_NAMES = tuple(DIALECTS)
+
+
+def dialect_class(name: str) -> type[Dialect]:
+    return DIALECTS[name]
