@@ -166,6 +166,19 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _faces(args: argparse.Namespace) -> int:
+    from appliance.errors import ApplianceError
+    from appliance.faces_gallery import enrol_files
+
+    try:
+        count = enrol_files(Path(args.project_dir), args.name, [Path(image) for image in args.images])
+    except ApplianceError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 1
+    print(f"{args.name.strip()}: {count} face descriptor(s) in the gallery (a running server uses them at once)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="Visual inspection appliance (PEKAT-compatible)")
     parser.add_argument("--version", action="version", version=f"appliance {__version__}")
@@ -201,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("project_dir")
     export.add_argument("destination")
 
+    faces = commands.add_parser("faces", help="the project's face gallery (identify@1)")
+    face_actions = faces.add_subparsers(dest="action", required=True)
+    enrol = face_actions.add_parser("enrol", help="add a person from photos (the largest face of each)")
+    enrol.add_argument("project_dir")
+    enrol.add_argument("name", help="the person's name, as identify@1 will answer it")
+    enrol.add_argument("images", nargs="+", help="image files, one face each (the largest face is taken)")
+
     train = commands.add_parser("train", help="train a model on this machine", add_help=False)
     train.add_argument("task", choices=["anomaly", "segment"])
     train.add_argument("rest", nargs=argparse.REMAINDER)
@@ -229,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         return _models(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "faces":
+        return _faces(args)
     if args.command == "train":
         if args.task == "segment":
             from appliance.training.segment import main as train_segment

@@ -58,6 +58,17 @@ class Context(dict):
         right, bottom = np.ceil(mapped.max(axis=0))
         return int(left), int(top), int(right - left), int(bottom - top)
 
+    def frame_points(self, points: np.ndarray) -> np.ndarray:
+        """Points (N x 2, x and y) in current-image pixels -> input-frame pixels."""
+        mapped = np.column_stack([np.asarray(points, float).reshape(-1, 2), np.ones(len(points))]) @ self.to_frame.T
+        return mapped[:, :2] / mapped[:, 2:3]
+
+    def image_points(self, points: np.ndarray) -> np.ndarray:
+        """Points (N x 2) in input-frame pixels -> current-image pixels (the inverse of `frame_points`)."""
+        mapped = (np.column_stack([np.asarray(points, float).reshape(-1, 2), np.ones(len(points))])
+                  @ np.linalg.inv(self.to_frame).T)
+        return mapped[:, :2] / mapped[:, 2:3]
+
     def add_error(self, node: str, message: str, error_type: str | None = None, **extra: Any) -> None:
         entry: dict[str, Any] = {"node": node}
         if error_type:

@@ -6,6 +6,7 @@ worker thread; the server owns everything about HTTP.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -21,9 +22,11 @@ from appliance.errors import ConfigError, DeviceUnavailable
 from appliance.flow.graph import FlowGraph, compile_flow
 from appliance.flow.runner import FlowRunner
 from appliance.nodes import NODE_TYPES
-from appliance.nodes.base import Node, NodeEnvironment, stored_spec
+from appliance.nodes.base import Node, NodeEnvironment
 from appliance.runtime.devices import place
 from appliance.runtime.models import Runtime, RuntimeOptions, default_cache_dir
+from appliance.runtime.spec import read_spec
+from appliance.runtime.store import read_current, resolve_version
 
 if TYPE_CHECKING:
     from appliance.frames import Frame
@@ -135,22 +138,41 @@ class Project:
                 ranges[name] = (low, high)
         return ranges
 
-    def model_capability(self, model: str) -> str:
-        """The capability key (``model:<name>``) of a one-node flow that runs stored model ``model`` with its
-        task's node type and default settings, built and prepared on first use (it compiles the model: call it
-        from a worker thread). Raises ConfigError when the model is missing or no node type runs its task."""
-        key = f"model:{model}"
+    def capability_problem(self, capability: str) -> str | None:
+        """Why ``capability`` cannot be answered (no flow for it in project.yaml, or a node of its flow that is
+        unavailable, such as an empty face gallery), or None when it can."""
+        runner = self.capabilities.get(capability)
+        if runner is None:
+            return f"project.yaml names no flow for the capability '{capability}' (capabilities:)"
+        for node in runner.graph.nodes.values():
+            reason = node.unavailable()
+            if reason is not None:
+                return reason
+        return None
+
+    def model_capability(self, model: str, version: str | None = None) -> str:
+        """The capability key of a one-node flow that runs stored model ``model`` with its task's node type and
+        default settings: at the version its `current` pointer names (following switches), or at ``version``
+        whatever the pointer says. Built and prepared on first use (it compiles: call it from a worker thread).
+        Raises ConfigError or StoreError saying what is wrong with the model or version."""
+        if version is not None and read_current(self.runtime.store / model) != version:
+            key, runtime = f"model:{model}@{version}", self.runtime.pinned(version)
+        else:
+            key, runtime = f"model:{model}", self.runtime
         with self._model_flows_lock:
             if key in self.capabilities:
                 return key
-            spec, spec_problems = stored_spec(model, self.env, tuple(TASK_NODES))
-            if spec is None:
-                raise ConfigError([message for _, message in spec_problems])
+            env = dataclasses.replace(self.env, runtime=runtime)
+            spec = read_spec(resolve_version(runtime.store, model, version))
+            if spec.task not in TASK_NODES:
+                raise ConfigError([f"model '{model}' is a {spec.task} model; models of these tasks run alone: "
+                                   f"{', '.join(TASK_NODES)}"])
             node_type, extra = TASK_NODES[spec.task]
             settings = NODE_TYPES[node_type].settings_model.model_validate({"type": node_type, "model": model,
                                                                             **extra})
-            flow = FlowSpec({model: settings}, YamlDocument(f"<model {model}>", {"nodes": {model: {}}}))
-            graph, problems = compile_flow(flow, self.env)
+            name = f"<model {model}{'@' + version if version else ''}>"
+            graph, problems = compile_flow(FlowSpec({model: settings}, YamlDocument(name, {"nodes": {model: {}}})),
+                                           env)
             if graph is None:
                 raise ConfigError(sorted_problems(problems))
             runner = FlowRunner(graph)

@@ -8,10 +8,12 @@ from appliance.nodes.classify import Classify
 from appliance.nodes.code import Code
 from appliance.nodes.color import Color
 from appliance.nodes.crop import Crop
+from appliance.nodes.demographics import Demographics
 from appliance.nodes.detect import Detect
 from appliance.nodes.evaluate import Evaluate
 from appliance.nodes.faces import Faces
 from appliance.nodes.flip import Flip
+from appliance.nodes.identify import Identify
 from appliance.nodes.mask import Mask
 from appliance.nodes.ocr import Ocr
 from appliance.nodes.resize import Resize
@@ -34,6 +36,8 @@ NODE_TYPES: dict[str, type[Node]] = {
         Segment,
         Detect,
         Faces,
+        Identify,
+        Demographics,
         Ocr,
     )
 }

@@ -115,6 +115,11 @@ class Node(Generic[SettingsT]):
     def prepare(self) -> None:
         """Heavy set-up (loading a hook, compiling a model); runs once in a worker thread before readiness."""
 
+    def unavailable(self) -> str | None:
+        """Why this prepared node cannot answer right now (e.g. nobody enrolled in its gallery), or None. An API
+        asking for a capability whose flow has such a node answers its own "not installed" error."""
+        return None
+
     def run(self, ctx: Context) -> None:
         raise NotImplementedError
 

@@ -67,11 +67,13 @@ class DetectionSettings(ModelNodeSettings):
 
 @dataclass(frozen=True)
 class Candidates:
-    """A frame's raw detections: boxes (x0, y0, x1, y1) as fractions of the model input's width and height."""
+    """A frame's raw detections: boxes (x0, y0, x1, y1) as fractions of the model input's width and height;
+    keypoints (N x K x 2, x and y as the same fractions) where the model gives them (BlazeFace)."""
 
     boxes: np.ndarray
     scores: np.ndarray
     class_ids: np.ndarray
+    keypoints: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class Detection:
     y1: float
     score: float
     label: LabelSpec
+    keypoints: tuple[tuple[float, float], ...] = ()  # (x, y) in pixels of the node's image, the model's order
 
 
 def _rows(array: np.ndarray, width: int, what: str) -> np.ndarray:
@@ -197,7 +200,12 @@ def decode_blazeface(regressors: np.ndarray, logits: np.ndarray, anchors: np.nda
     w, h = table[:, 2] / width, table[:, 3] / height
     # The clip keeps exp() finite; MediaPipe clips the logits at ±100 too.
     scores = 1 / (1 + np.exp(-np.clip(logits.reshape(-1).astype(np.float64), -100, 100)))
-    return Candidates(_from_cxcywh(cx, cy, w, h), scores, np.zeros(len(scores), np.int64))
+    # The keypoints follow the box: offsets from the anchor centre in input pixels (MODELS.md 1, "BlazeFace
+    # decoding"); face detectors give 6 (right eye, left eye, nose tip, mouth centre, right ear, left ear,
+    # the person's right and left).
+    count = (table.shape[1] - 4) // 2
+    points = table[:, 4:4 + 2 * count].reshape(-1, count, 2) / np.array([width, height], np.float32) + anchors[:, None]
+    return Candidates(_from_cxcywh(cx, cy, w, h), scores, np.zeros(len(scores), np.int64), points)
 
 
 class OutputDecoder:
@@ -314,12 +322,15 @@ def _overlaps(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 
 def select(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, *, confidence: float, iou: float,
-           limit: int, weighted: bool, class_aware: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Boxes (x0, y0, x1, y1) that reach ``confidence`` and survive NMS, best first, at most ``limit``."""
+           limit: int, weighted: bool, class_aware: bool = True, extras: np.ndarray | None = None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Boxes (x0, y0, x1, y1) that reach ``confidence`` and survive NMS, best first, at most ``limit``; with the
+    rows of ``extras`` (per-box values such as keypoints) that go with them, merged as the boxes are."""
     passing = scores >= confidence
     boxes, scores, class_ids = boxes[passing], scores[passing], class_ids[passing]
+    extras = None if extras is None else extras[passing]
     if not len(scores):
-        return boxes, scores, class_ids
+        return boxes, scores, class_ids, extras
     xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).tolist()
     # Scores were filtered above with >= (OpenCV's threshold is strict, and must be >= 0: a score of exactly 0,
     # padding in fixed-size outputs, is never a box); top_k would cut the candidates before suppression, not
@@ -331,6 +342,7 @@ def select(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, *, conf
     order = np.asarray(kept, np.int64).reshape(-1)
     order = order[np.argsort(-scores[order], kind="stable")][:limit]
     kept_boxes = boxes[order].copy()
+    kept_extras = None if extras is None else extras[order].copy()
     if weighted:
         # Greedy NMS suppresses a box by the best kept box that overlaps it; merging each kept box with the
         # boxes no better kept box claimed gives MediaPipe's clusters.
@@ -343,7 +355,9 @@ def select(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, *, conf
             claimed |= members
             weights = scores[members][:, None]
             kept_boxes[rank] = (boxes[members] * weights).sum(axis=0) / weights.sum()
-    return kept_boxes, scores[order], class_ids[order]
+            if kept_extras is not None and extras is not None:
+                kept_extras[rank] = (extras[members] * weights).sum(axis=0) / weights.sum()
+    return kept_boxes, scores[order], class_ids[order], kept_extras
 
 
 SettingsT = TypeVar("SettingsT", bound=DetectionSettings)
@@ -420,6 +434,11 @@ class DetectionNode(Node[SettingsT]):
         boxes -= np.array([*fitted.pad, *fitted.pad], np.float32)
         boxes *= np.array([*fitted.scale, *fitted.scale], np.float32)
         boxes = np.clip(boxes, 0, np.array([width, height, width, height], np.float32))
+        points = None
+        if candidates.keypoints is not None and candidates.keypoints.shape[1]:
+            # Not clipped: an ear or an eye may lie outside the image when the face is cut by its edge.
+            points = (candidates.keypoints * np.array([model_w, model_h], np.float32) - np.array(fitted.pad, np.float32))
+            points = (points * np.array(fitted.scale, np.float32)).reshape(len(points), -1)
         usable = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & np.isfinite(candidates.scores)
         wanted = self.label_filter(loaded)
         if wanted is not None:
@@ -427,17 +446,21 @@ class DetectionNode(Node[SettingsT]):
         configured = settings.confidence if settings.confidence is not None else loaded.spec.threshold
         confidence = float(requested(ctx, settings, "threshold", requested(
             ctx, settings, "min_confidence", 0.5 if configured is None else configured)))
-        kept, scores, class_ids = select(
+        kept, scores, class_ids, kept_points = select(
             boxes[usable], candidates.scores[usable], candidates.class_ids[usable], confidence=confidence,
             iou=settings.iou or decoder.family_iou, limit=int(requested(ctx, settings, "max_labels",
                                                                         settings.max_labels)),
             weighted=decoder.family_weighted if settings.nms == "auto" else settings.nms == "weighted",
-            class_aware=self.class_aware())
+            class_aware=self.class_aware(), extras=None if points is None else points[usable])
         ctx.setdefault("models", []).append({"node": self.id, "model": loaded.name, "version": loaded.version,
                                             "device": loaded.device})
+        pairs: list[tuple[tuple[float, float], ...]] = (
+            [()] * len(kept) if kept_points is None
+            else [tuple((float(x), float(y)) for x, y in row.reshape(-1, 2)) for row in kept_points])
         return [Detection(float(x0), float(y0), float(x1), float(y1), float(score),
-                          labels.get(int(class_id)) or LabelSpec(id=int(class_id), name=f"class {class_id}", color=None))
-                for (x0, y0, x1, y1), score, class_id in zip(kept, scores, class_ids, strict=True)]
+                          labels.get(int(class_id)) or LabelSpec(id=int(class_id), name=f"class {class_id}", color=None),
+                          keypoints)
+                for (x0, y0, x1, y1), score, class_id, keypoints in zip(kept, scores, class_ids, pairs, strict=True)]
 
 
 class DetectSettings(DetectionSettings):

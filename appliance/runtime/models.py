@@ -86,6 +86,15 @@ def _adapt_input(model: ov.Model, spec: ModelSpec, input_shape: InputShape | Non
     return ppp.build()
 
 
+def _takes_precision_hint(device: str) -> bool:
+    """Whether ``device`` lists INFERENCE_PRECISION_HINT (the NPU does not); AUTO and HETERO pass it on."""
+    try:
+        supported = core().get_property(device.split(":")[0].split(".")[0], "SUPPORTED_PROPERTIES")
+    except RuntimeError:
+        return True
+    return device.startswith(("AUTO", "HETERO", "MULTI")) or "INFERENCE_PRECISION_HINT" in supported
+
+
 class RuntimeObserver(Protocol):
     """What the runtime reports (the server's metrics implement it)."""
 
@@ -108,6 +117,9 @@ class LoadedModel:
         self.spec = read_spec(version_dir)
         self.device = options.device
         config = dict(options.properties)
+        if self.spec.precision is not None and _takes_precision_hint(options.device):
+            # The model's need wins over the profile's choice (and over a node's device, which has no properties).
+            config["INFERENCE_PRECISION_HINT"] = self.spec.precision
         if options.cache_dir is not None:
             config["CACHE_DIR"] = str(options.cache_dir)
         try:
@@ -215,6 +227,22 @@ class ModelSlot:
                 and wanted != self.failed_version)
 
 
+class PinnedSlot(ModelSlot):
+    """A slot that loads one fixed version and never follows the `current` pointer."""
+
+    def __init__(self, store: Path, name: str, options: RuntimeOptions, runtime: Runtime, version: str,
+                 input_shape: InputShape | None = None):
+        super().__init__(store, name, options, runtime, input_shape)
+        self.version = version
+
+    def load(self) -> LoadedModel:
+        self.current = self._compile(self.version)
+        return self.current
+
+    def pointer_moved(self) -> bool:
+        return False
+
+
 class Runtime:
     """The models of one project: loaded once each, on the device its firmware profile resolved to."""
 
@@ -233,8 +261,16 @@ class Runtime:
         with self._lock:
             if key not in self.slots:
                 options = self.options if device is None else RuntimeOptions(device, {}, self.options.cache_dir)
-                self.slots[key] = ModelSlot(self.store, name, options, self, input_shape)
+                self.slots[key] = self._new_slot(name, options, input_shape)
             return self.slots[key]
+
+    def _new_slot(self, name: str, options: RuntimeOptions, input_shape: InputShape | None) -> ModelSlot:
+        return ModelSlot(self.store, name, options, self, input_shape)
+
+    def pinned(self, version: str) -> Runtime:
+        """A runtime whose slots load ``version`` of their model, whatever `current` says. Its slots are its
+        own: the server's health, metrics and pointer follower see only this runtime's."""
+        return PinnedRuntime(self, version)
 
     def refresh(self) -> list[str]:
         """Swap every model whose `current` pointer moved (polled by the server); returns what changed."""
@@ -253,3 +289,13 @@ def default_cache_dir(project_dir: Path) -> Path:
     """systemd's CacheDirectory= (CACHE_DIRECTORY), else the project's own .cache folder."""
     from_systemd = os.environ.get("CACHE_DIRECTORY")
     return Path(from_systemd.split(":")[0]) / "openvino" if from_systemd else project_dir / ".cache" / "openvino"
+
+
+class PinnedRuntime(Runtime):
+    def __init__(self, base: Runtime, version: str):
+        super().__init__(base.store, base.options)
+        self.observer = base.observer
+        self.version = version
+
+    def _new_slot(self, name: str, options: RuntimeOptions, input_shape: InputShape | None) -> ModelSlot:
+        return PinnedSlot(self.store, name, options, self, self.version, input_shape)

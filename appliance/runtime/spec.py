@@ -38,7 +38,7 @@ class LabelSpec(BaseModel):
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    task: Literal["anomaly", "classify", "detect", "segment", "ocr", "faces", "features"]
+    task: Literal["anomaly", "classify", "detect", "segment", "ocr", "faces", "features", "demographics"]
     input: InputSpec
     outputs: Any = None
     labels: list[LabelSpec] = Field(default_factory=list)
@@ -46,6 +46,9 @@ class ModelSpec(BaseModel):
     boxes: bool = False
     threshold: float | None = None
     pixel_threshold: float | None = None
+    # The precision a model needs whatever the profile says (OpenVINO's INFERENCE_PRECISION_HINT), for models
+    # whose outputs move under bf16 or f16 (APIS.md 3: bf16 moves the age probabilities by 1.3e-2).
+    precision: Literal["f32", "f16", "bf16"] | None = None
 
 
 def read_spec(version_dir: Path) -> ModelSpec:

@@ -161,3 +161,29 @@ def test_demo_project_recognises_coffee_and_a_cat_with_the_real_model(imagenet: 
     assert cat["result"] is False
     assert {c["label"] for c in cat["classNames"]} <= {"tiger cat", "tabby", "Egyptian cat"}
     assert len(cat["classNames"]) >= 2
+
+
+def test_only_keeps_the_listed_labels_with_their_unrenormalised_scores(tmp_path: Path) -> None:
+    flow = {"nodes": {"c": {"type": "classify@1", "model": "one", "threshold": 0.0, "only": ["green", 2],
+                            "show_discarded": True}}}
+    project = write_project(tmp_path / "p", flow)
+    save_colour_classifier(project / "models", "one", exclusive=True)
+    server = start_server(project)
+    try:
+        ctx = classify(server, frame(YELLOW))  # logits (5, 5, -5): softmax 0.49998, 0.49998, 0.00005
+        predicted = ctx["classification"][0]["predicted"]
+        assert [(p["label_name"], round(p["score"], 4)) for p in predicted] == [("green", 0.5), ("blue", 0.0)]
+    finally:
+        server.stop()
+
+
+def test_check_names_an_only_label_the_model_lacks(tmp_path: Path) -> None:
+    from appliance.errors import ConfigError
+    from appliance.project import Project
+
+    project = write_project(tmp_path / "p", {"nodes": {"c": {"type": "classify@1", "model": "one",
+                                                             "only": ["red", "purple", 7]}}})
+    save_colour_classifier(project / "models", "one", exclusive=True)
+    with pytest.raises(ConfigError, match="model 'one' has no label 'purple'") as caught:
+        Project.load(project)
+    assert any("has no label 7" in problem for problem in caught.value.problems)

