@@ -43,16 +43,20 @@ check: install
 test: models
 	$(BIN)/python -m pytest -m "not soak" -q
 
-# System tools some tests use: systemd-analyze (the unit) and Prometheus with promtool (the dashboard). Without
-# them those tests skip; CI installs them and sets APPLIANCE_REQUIRE_TOOLS=1 so that they fail instead.
 # RELIABILITY 13.1: RSS over 5,000 mixed requests (SOAK_REQUESTS=50000 for a nightly run); a few minutes.
 soak: models
 	$(BIN)/python -m pytest -m soak -q -s tests/soak
 
+# System tools some tests use: systemd-analyze (the unit), Prometheus with promtool (the dashboard), curl (the
+# vendor documents' curl lines), Chromium with Debian's jQuery (imagerecognize's HTML example in a browser).
+# Without them those tests skip; CI installs them and sets APPLIANCE_REQUIRE_TOOLS=1 so that they fail instead.
 test-tools:
 	@command -v systemd-analyze >/dev/null && command -v promtool >/dev/null && command -v prometheus >/dev/null \
+	  && command -v curl >/dev/null && command -v chromium >/dev/null \
+	  && [ -f /usr/share/javascript/jquery/jquery.min.js ] \
 	  || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); $$SUDO apt-get update -qq \
-	       && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends systemd prometheus; }
+	       && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends systemd \
+	          prometheus curl chromium libjs-jquery; }
 
 lint: install
 	$(BIN)/ruff check appliance tests bench examples

@@ -27,7 +27,7 @@ from appliance.project import Project
 from appliance.runtime.store import StoreError, switch_current
 from appliance.server import core
 from appliance.server.auth import require_key
-from appliance.server.body import CLOSE
+from appliance.server.body import CLOSE, read_body, read_form
 from appliance.server.core import STATE, ServerState
 from appliance.server.dialects import DIALECTS
 from appliance.server.dialects.base import Dialect
@@ -53,11 +53,12 @@ class Core(Dialect):
     """The core's own routes: health, metrics and model switching, in every project whatever APIs it serves."""
 
     name = "core"
-    prefixes = ("/health", "/metrics", "/models/")
+    prefixes = ("/health", "/metrics", "/models/", "/faces/")
 
     def routes(self) -> list[web.RouteDef]:
         routes = [web.get("/health", health), web.get("/health/live", health_live),
-                  web.get("/health/ready", health_ready), web.post("/models/switch", switch_model)]
+                  web.get("/health/ready", health_ready), web.post("/models/switch", switch_model),
+                  web.post("/faces/enrol", enrol_face, expect_handler=core.expect_continue)]
         if self.state.project.config.metrics.enabled:
             routes.append(web.get("/metrics", metrics_page))
         return routes
@@ -234,6 +235,38 @@ async def switch_model(request: web.Request) -> web.Response:
     state.metrics.describe_models(state.project.runtime)
     return web.json_response({"status": 200, "message": f"model {name}: {previous} -> {version}",
                               "data": {"model": name, "version": version, "previous": previous}})
+
+
+async def enrol_face(request: web.Request) -> web.Response:
+    """POST /faces/enrol?name=NAME with one image as the body, or several as multipart files: add the person's
+    largest face of each image to the gallery of the project's identify@1 nodes (they use it at once)."""
+    from appliance import frames
+    from appliance.faces_gallery import enrol
+
+    state = request.app[STATE]
+    query = params.parse_query(request.rel_url.raw_query_string)
+    require_key(request, query, state.project.api_keys)
+    name = params.text(query, "name")
+    limits = state.project.config.limits
+    if request.content_type == "multipart/form-data":
+        _, files = await read_form(request, limits)
+        bodies = list(files.values())
+    else:
+        bodies = [bytes(await read_body(request, limits))]
+    if not bodies or not all(bodies):
+        raise BadRequest("send the person's photos: one image as the body, or multipart files")
+    color = state.project.config.color
+
+    def work() -> int:
+        images = [frames.decode_image(body, max_frame_pixels=limits.max_frame_pixels, color=color).image
+                  for body in bodies]
+        return enrol(state.project.files.directory, name, images)
+
+    # Compiling the face models for enrolment takes a second: a thread of its own, never a frame worker.
+    count = await asyncio.get_running_loop().run_in_executor(None, work)
+    log.info("face gallery: %s enrolled from %d image(s)", name.strip(), len(bodies))
+    return web.json_response({"status": 200, "message": f"{name.strip()}: {count} face descriptor(s) in the "
+                              "gallery", "data": {"name": name.strip(), "descriptors": count}})
 
 
 async def _follow_model_pointers(app: web.Application) -> None:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from appliance.server.dialects.base import Dialect
+from appliance.server.dialects.deepomatic import Deepomatic
+from appliance.server.dialects.imagerecognize import ImageRecognize
 from appliance.server.dialects.pekat import Pekat
+from appliance.server.dialects.raypack import Raypack
 
 DIALECTS: dict[str, type[Dialect]] = {
     dialect.name: dialect
     for dialect in (
         Pekat,
+        Deepomatic,
+        ImageRecognize,
+        Raypack,
     )
 }
 DIALECT_NAMES = tuple(DIALECTS)

@@ -24,6 +24,7 @@ _NUMBER = re.compile(r"[0-9]{1,6}(\.[0-9]{1,9})?")
 # Names this server reads: each may appear once (RELIABILITY 1.10). Others are ignored (1.11).
 KNOWN = ("response_type", "data", "context_in_body", "api_key", "width", "height", "bayer", "name", "key",
          "image_format", "jpeg_quality", "model", "version", "lang", *OVERRIDES)
+# (`name` also names the person of POST /faces/enrol.)
 
 
 def parse_query(raw_query: str) -> dict[str, bytes]:
