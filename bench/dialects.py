@@ -4,7 +4,9 @@ One server serves all four APIs on one port, every one answering from the same f
 EfficientNet-lite0, the `objects` capability). Each row is a closed loop of clients sending a JPEG frame the way
 that API's clients do (PEKAT: the body; RAYPACK and imagerecognize: a multipart form; Deepomatic: a multipart
 submit, then polling the task until it succeeds, as one request). The ratio is to the model's in-process ceiling
-(an AsyncInferQueue on the same compiled model, frames already resized) and to PEKAT's own row.
+(an AsyncInferQueue on the same compiled model, frames already resized) and to PEKAT's own row. Client and
+server share the 2 cores, so a client that encodes a multipart form or makes two requests slows the server too:
+the server's own CPU time per request (from /proc) is listed apart, as what each API costs the appliance.
 
     .venv/bin/python bench/dialects.py [--seconds 4]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -82,7 +85,14 @@ async def deepomatic(session: aiohttp.ClientSession, url: str, jpeg: bytes) -> N
         await asyncio.sleep(0.002)
 
 
-async def closed_loop(call: Call, url: str, jpeg: bytes, clients: int, seconds: float) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def closed_loop(call: Call, url: str, jpeg: bytes, clients: int, seconds: float,
+                      server_pid: int) -> dict[str, float]:
     latencies: list[float] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients)) as session:
         async def client() -> None:
@@ -94,10 +104,13 @@ async def closed_loop(call: Call, url: str, jpeg: bytes, clients: int, seconds: 
         deadline = time.perf_counter() + 0.001  # one warm-up call per client, not measured
         await asyncio.gather(*(client() for _ in range(clients)))
         latencies.clear()
+        cpu_before = cpu_seconds(server_pid)
         started = time.perf_counter()
         deadline = started + seconds
         await asyncio.gather(*(client() for _ in range(clients)))
-        return summary(latencies, time.perf_counter() - started)
+        result = summary(latencies, time.perf_counter() - started)
+        result["server_cpu_ms"] = (cpu_seconds(server_pid) - cpu_before) * 1000 / max(1, len(latencies))
+        return result
 
 
 def main() -> None:
@@ -131,22 +144,23 @@ def main() -> None:
             for clients in (1, 8):
                 for name, call in apis:
                     rows.append((name, clients, asyncio.run(closed_loop(call, server.url, jpeg, clients,
-                                                                        args.seconds))))
+                                                                        args.seconds, server.process.pid))))
         finally:
             server.stop()
     print(f"\nOne classify model ({loaded.name} v{loaded.version}, {model_w}x{model_h}, {loaded.device}, "
           f"{loaded.precision}) through each API; frame coffee {frame.shape[1]}x{frame.shape[0]} JPEG; "
           f"{args.seconds:g} s per row\n")
-    print("| API | clients | req/s | p50 ms | p99 ms | ratio to ceiling | ratio to PEKAT (req/s) | p50 / PEKAT p50 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| API | clients | req/s | p50 ms | p99 ms | ratio to ceiling | ratio to PEKAT (req/s) | p50 / PEKAT p50 "
+          "| server CPU ms per request |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print(f"| in-process ceiling (AsyncInferQueue, {top['jobs']} jobs) | - | {top['rps']:.1f} | {top['p50']:.2f} | "
-          f"{top['p99']:.2f} | 1.00 | - | - |")
+          f"{top['p99']:.2f} | 1.00 | - | - | - |")
     pekat_rows = {clients: result for name, clients, result in rows if name == "pekat"}
     for name, clients, result in rows:
         base = pekat_rows[clients]
         print(f"| {name} | {clients} | {result['rps']:.1f} | {result['p50']:.2f} | {result['p99']:.2f} | "
               f"{result['rps'] / top['rps']:.2f} | {result['rps'] / base['rps']:.2f} | "
-              f"{result['p50'] / base['p50']:.2f} |")
+              f"{result['p50'] / base['p50']:.2f} | {result['server_cpu_ms']:.1f} |")
 
 
 if __name__ == "__main__":

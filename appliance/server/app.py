@@ -27,7 +27,7 @@ from appliance.project import Project
 from appliance.runtime.store import StoreError, switch_current
 from appliance.server import core
 from appliance.server.auth import require_key
-from appliance.server.body import CLOSE, read_body, read_form
+from appliance.server.body import CLOSE, media_type, read_body, read_form
 from appliance.server.core import STATE, ServerState
 from appliance.server.dialects import DIALECTS
 from appliance.server.dialects.base import Dialect
@@ -248,7 +248,7 @@ async def enrol_face(request: web.Request) -> web.Response:
     require_key(request, query, state.project.api_keys)
     name = params.text(query, "name")
     limits = state.project.config.limits
-    if request.content_type == "multipart/form-data":
+    if media_type(request) == "multipart/form-data":
         _, files = await read_form(request, limits)
         bodies = list(files.values())
     else:

@@ -10,13 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Keys are secrets, and `data` may carry a customer's serial numbers: none of them is logged (RELIABILITY 15).
-_SECRET_PARAMS = re.compile(r"(?i)((?:^|[?&])(?:api_key|key|data)=)[^&#\s]*")
-_EXTRA_FIELDS = ("project", "request_id", "endpoint", "status", "duration_ms", "peer", "query", "method", "path")
+# Keys are secrets (PEKAT's api_key and stop key, imagerecognize's and RAYPACK's apikey), and `data` may carry a
+# customer's serial numbers: none of them is logged (RELIABILITY 15).
+_SECRET_PARAMS = re.compile(r"(?i)((?:^|[?&])(?:api_key|apikey|key|data)=)[^&#\s]*")
+_EXTRA_FIELDS = ("project", "request_id", "endpoint", "api", "status", "duration_ms", "peer", "query", "method",
+                 "path")
 
 
 def redact_query(query: str) -> str:
-    """`a=1&api_key=secret` -> `a=1&api_key=***` (and the stop key's `key=`, and `data=`)."""
+    """`a=1&api_key=secret` -> `a=1&api_key=***` (and `apikey=`, the stop key's `key=`, and `data=`)."""
     return _SECRET_PARAMS.sub(r"\1***", query)
 
 

@@ -91,6 +91,11 @@ class Target:
     labels: dict[str, tuple[int, str]] | None = None  # a private spec's labels by lower-case name
 
 
+def _roi(runner: FlowRunner) -> str:
+    """BBOX for a flow that places what it finds (detector, faces, text), NONE for a classification."""
+    return "BBOX" if any(node.settings.type in BOX_NODES for node in runner.graph.nodes.values()) else "NONE"
+
+
 def _spec_labels(spec: dict[str, Any]) -> dict[str, tuple[int, str]]:
     return {label["name"].strip().lower(): (label["id"], label["name"]) for label in spec["outputs"][0]["labels"]
             ["labels"]}
@@ -233,7 +238,7 @@ class Deepomatic(Dialect):
 
     def _capability_spec(self, name: str, runner: FlowRunner) -> tuple[dict[str, Any], Target]:
         nodes = list(runner.graph.nodes.values())
-        roi = "BBOX" if any(node.settings.type in BOX_NODES for node in nodes) else "NONE"
+        roi = _roi(runner)
         labels: list[dict[str, Any]] = []
         exclusive = roi == "NONE"
         for node in nodes:
@@ -290,8 +295,16 @@ class Deepomatic(Dialect):
 
     async def infer_public(self, request: web.Request) -> web.Response:
         self._auth(request)
+        spec_id = request.match_info["spec_id"]
+        runner = self.state.project.capabilities.get(spec_id)
+        if runner is not None and not spec_id.startswith("model:"):
+            # The hot path: a capability needs neither the store's scan nor its labels, only its roi.
+            problem = self.state.project.capability_problem(spec_id)
+            if problem is not None:
+                raise NotFound(f"capability '{spec_id}' cannot answer on this appliance: {problem}")
+            return await self._inference(request, Target(capability=spec_id, roi=_roi(runner)))
         await self._scan_store()
-        return await self._inference(request, self._public(request.match_info["spec_id"])[1])
+        return await self._inference(request, self._public(spec_id)[1])
 
     # --- private specs ---------------------------------------------------------------------------------------
 

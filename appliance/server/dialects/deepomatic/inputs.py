@@ -15,7 +15,7 @@ from aiohttp import web
 
 from appliance.config.project import Limits
 from appliance.errors import BadRequest
-from appliance.server.body import read_body, read_form
+from appliance.server.body import media_type, read_body, read_form
 from appliance.server.dialects.deepomatic.registry import shown
 
 # strict=False: the seed's `$(cat img.jpg | base64)` puts raw newlines inside the JSON string.
@@ -65,12 +65,12 @@ def _form(text: str) -> dict[str, Any]:
 
 async def read_fields(request: web.Request, limits: Limits) -> dict[str, Any]:
     """The fields of a JSON, form-encoded or multipart body (multipart files are refused here)."""
-    if request.content_type == "multipart/form-data":
+    if media_type(request) == "multipart/form-data":
         fields, files = await read_form(request, limits)
         if files:
             raise BadRequest(f"unexpected file part {sorted(files)[0]!r}")
         return dict(fields)
-    return parse_fields(bytes(await read_body(request, limits)), request.content_type)
+    return parse_fields(bytes(await read_body(request, limits)), media_type(request))
 
 
 def boolean(name: str, value: Any, default: bool) -> bool:
@@ -259,8 +259,8 @@ def _from_flat(fields: dict[str, Any], files: dict[str, bytes], url_hosts: tuple
 
 async def read_inference(request: web.Request, limits: Limits, url_hosts: tuple[str, ...],
                          max_inputs: int) -> InferenceRequest:
-    if request.content_type == "multipart/form-data":
+    if media_type(request) == "multipart/form-data":
         fields, files = await read_form(request, limits)
         return _from_flat(dict(fields), files, url_hosts, max_inputs)
     body = await read_body(request, limits)
-    return from_json(parse_fields(bytes(body), request.content_type), url_hosts, max_inputs)
+    return from_json(parse_fields(bytes(body), media_type(request)), url_hosts, max_inputs)

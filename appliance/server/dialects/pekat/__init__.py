@@ -16,7 +16,7 @@ from appliance import __version__, frames
 from appliance.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from appliance.server import core
 from appliance.server.auth import require_key
-from appliance.server.body import check_declared_size, read_body, read_multipart_file
+from appliance.server.body import check_declared_size, media_type, read_body, read_multipart_file
 from appliance.server.core import STATE, ServerState
 from appliance.server.dialects.base import Dialect
 from appliance.server.dialects.pekat import params
@@ -68,7 +68,7 @@ async def analyze_image(request: web.Request) -> web.Response:
     core.admit(state)
     limits = state.project.config.limits
     body: bytes | bytearray
-    if request.content_type == "multipart/form-data":
+    if media_type(request) == "multipart/form-data":
         body = await read_multipart_file(request, limits)
     else:
         body = await read_body(request, limits)

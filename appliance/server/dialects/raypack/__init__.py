@@ -24,7 +24,7 @@ from appliance import frames
 from appliance.errors import ApplianceError, BadRequest, NotFound, Unauthorized, UnsupportedMediaType
 from appliance.server import core
 from appliance.server.auth import key_name
-from appliance.server.body import read_form
+from appliance.server.body import media_type, read_form
 from appliance.server.core import STATE, ServerState
 from appliance.server.dialects.base import Dialect
 from appliance.server.dialects.raypack import tags
@@ -96,9 +96,9 @@ def _installed_list(state: ServerState) -> str:
 
 async def _read_form(request: web.Request, state: ServerState) -> Form:
     form = Form({}, {})
-    if request.body_exists and request.content_type not in ("multipart/form-data",
+    if request.body_exists and media_type(request) not in ("multipart/form-data",
                                                             "application/x-www-form-urlencoded"):
-        raise UnsupportedMediaType(f"body of type {request.content_type[:100]} is not a form; send "
+        raise UnsupportedMediaType(f"body of type {media_type(request)[:100]} is not a form; send "
                                    "multipart/form-data (curl -F) or application/x-www-form-urlencoded (curl -d)")
     if request.body_exists:
         form.fields, form.files = await read_form(request, state.project.config.limits, form.filenames)
