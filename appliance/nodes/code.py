@@ -71,7 +71,6 @@ class HookRunner:
     """The project's hook threads, the stuck-hook count and the captured print output."""
 
     _capture = threading.local()
-    _installed = False
     _install_lock = threading.Lock()
 
     def __init__(self, max_stuck: int, workers: int):
@@ -84,11 +83,13 @@ class HookRunner:
 
     @classmethod
     def _install_streams(cls) -> None:
+        """Wrap sys.stdout/stderr unless they are wrapped: checked each time, not remembered, because whoever
+        replaced them since (a test runner's capture, a hook) would otherwise silently end the capture."""
         with cls._install_lock:
-            if not cls._installed:
+            if not isinstance(sys.stdout, _ThreadStreams):
                 sys.stdout = _ThreadStreams(sys.stdout, cls._capture, "stdout")  # type: ignore[assignment]
+            if not isinstance(sys.stderr, _ThreadStreams):
                 sys.stderr = _ThreadStreams(sys.stderr, cls._capture, "stderr")  # type: ignore[assignment]
-                cls._installed = True
 
     def call(self, function: Any, args: tuple[Any, ...], timeout: float) -> tuple[Any, str, str]:
         """Run `function(*args)` in a hook thread; returns (value, stdout, stderr) or raises its exception."""
