@@ -62,41 +62,126 @@ def sniff_image_format(data: Bytes) -> str | None:
     return None
 
 
+# SOFn markers that libjpeg-turbo decodes (baseline, extended, progressive, lossless; Huffman or arithmetic).
+# SOF5-7, SOF13-15 and JPG are refused by libjpeg; a second SOI, EOI or SOS before the frame header end the search.
+_JPEG_SOF_DECODED = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC9, 0xCA, 0xCB))
+_JPEG_TABLES = frozenset((0xC4, 0xCC, 0xDB, 0xDD))  # DHT, DAC, DQT, DRI: libjpeg errors on a length below 2
+_JPEG_SKIPPED = frozenset((*range(0xE0, 0xF0), 0xFE, 0xDC))  # APPn, COM, DNL: skipped by their length
+# The next marker with a length: fill bytes, stuffed FF 00, TEM and RSTn are passed over at C speed.
+_JPEG_NEXT_MARKER = re.compile(rb"\xff+[^\x00\x01\xd0-\xd7\xff]")
+_JPEG_MAX_SEGMENTS = 10_000  # before the frame header; real files have a few dozen
+_JPEG_MAX_GAP = 1 << 16  # bytes between two segments; real files have none, a few after a broken writer
+
+
 def _jpeg_size(data: Bytes) -> tuple[int, int] | None:
+    """The frame header libjpeg reads, found the way its marker reader finds it (jdmarker.c next_marker).
+
+    libjpeg skips any bytes that are not 0xFF between segments (with a warning), 0xFF fill bytes and
+    stuffed FF 00 pairs; reading such bytes as a segment length instead would let a file hide its real
+    frame header behind a small fake one. More than 64 KiB of them, or 10000 segments, is refused (libjpeg
+    would read on) to keep this check fast on any body.
+    """
+    view = data if isinstance(data, (bytes, bytearray)) else bytes(data)
     position = 2
-    while position + 4 <= len(data):
-        if data[position] != 0xFF:
+    for _ in range(_JPEG_MAX_SEGMENTS):
+        found = _JPEG_NEXT_MARKER.search(view, position, position + _JPEG_MAX_GAP)
+        if found is None:
             return None
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill bytes
-            position += 1
-            continue
-        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
-            position += 2
-            continue
-        (length,) = struct.unpack_from(">H", data, position + 2)
-        # SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC) carry the frame size.
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if position + 9 > len(data):
+        marker = view[found.end() - 1]
+        position = found.end()
+        if position + 2 > len(view):
+            return None
+        (length,) = struct.unpack_from(">H", view, position)
+        if marker in _JPEG_SOF_DECODED:
+            if position + 7 > len(view):
                 return None
-            height, width = struct.unpack_from(">HH", data, position + 5)
-            return width, height
-        if length < 2:
+            height, width = struct.unpack_from(">HH", view, position + 3)
+            return (width, height) if width and height else None
+        if marker in _JPEG_TABLES:
+            if length < 2:
+                return None
+            position += length
+        elif marker in _JPEG_SKIPPED:
+            position += max(length, 2)  # a length below 2 skips only the length bytes
+        else:  # SOI again, EOI, SOS before any frame header, unsupported SOFn, unknown markers: libjpeg fails
             return None
-        position += 2 + length
     return None
 
 
-def _tiff_size(data: Bytes) -> tuple[int, int] | None:
-    order = "<" if bytes(data[:2]) == b"II" else ">"
-    (ifd,) = struct.unpack_from(order + "I", data, 4)
-    (count,) = struct.unpack_from(order + "H", data, ifd)
+_TIFF_UINT32_KINDS = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 16: "Q", 17: "q"}
+
+
+def _tiff_ifd(data: Bytes, order: str, offset: int, tags: tuple[int, ...]) -> dict[int, int] | None:
+    """Unsigned 32-bit tags of one IFD read as libtiff reads them (TIFFReadDirEntryLong): the first of
+    duplicate tags counts, a count other than 1 or a type other than BYTE, SHORT, LONG, their signed forms
+    and the 8-byte LONG8/SLONG8 (stored at an offset even in classic TIFF) is an error, as is a negative
+    value, and fails the whole directory (None)."""
+    (count,) = struct.unpack_from(order + "H", data, offset)
     found: dict[int, int] = {}
+    bad: set[int] = set()  # libtiff fails the directory on the first bad entry of a tag it needs
     for index in range(count):
-        tag, kind, _, value = struct.unpack_from(order + "HHI4s", data, ifd + 2 + index * 12)
-        if tag in (256, 257):  # ImageWidth, ImageLength
-            found[tag] = struct.unpack_from(order + ("H" if kind == 3 else "I"), value)[0]
-    return (found[256], found[257]) if 256 in found and 257 in found else None
+        entry = offset + 2 + index * 12
+        tag, kind, number = struct.unpack_from(order + "HHI", data, entry)
+        if tag not in tags or tag in found or tag in bad:
+            continue
+        code = _TIFF_UINT32_KINDS.get(kind)
+        if code is None or number != 1:
+            bad.add(tag)
+            continue
+        where = entry + 8
+        if struct.calcsize(code) > 4:
+            (where,) = struct.unpack_from(order + "I", data, entry + 8)
+        (value,) = struct.unpack_from(order + code, data, where)
+        if 0 <= value <= 0xFFFFFFFF:
+            found[tag] = value
+        else:
+            bad.add(tag)
+    return None if bad else found
+
+
+def _tiff_order(data: Bytes) -> str:
+    return "<" if bytes(data[:2]) == b"II" else ">"
+
+
+def _tiff_size(data: Bytes) -> tuple[int, int] | None:
+    order = _tiff_order(data)
+    (ifd,) = struct.unpack_from(order + "I", data, 4)
+    found = _tiff_ifd(data, order, ifd, (256, 257))  # ImageWidth, ImageLength
+    if not found or not found.get(256) or not found.get(257):
+        return None
+    return found[256], found[257]
+
+
+def _tiff_tile_size(data: Bytes) -> tuple[int, int] | None:
+    """(TileWidth, TileLength) of the first page of a tiled TIFF, else None.
+
+    OpenCV decodes a tiled TIFF one whole tile at a time (libtiff's tile buffer plus a 4-byte RGBA copy),
+    so a 1x1 image with a 16000x16000 deflate tile of zeros would take about 1.8 GB.
+    """
+    try:
+        order = _tiff_order(data)
+        (ifd,) = struct.unpack_from(order + "I", data, 4)
+        found = _tiff_ifd(data, order, ifd, (256, 257, 322, 323))  # + TileWidth, TileLength
+    except (struct.error, IndexError, ValueError):
+        return None
+    if not found or (322 not in found and 323 not in found):
+        return None
+    return found.get(322) or found.get(256, 0), found.get(323) or found.get(257, 0)
+
+
+def _tiff_has_second_page(data: Bytes) -> bool:
+    """A second IFD with at least one entry, found without decoding anything."""
+    try:
+        order = _tiff_order(data)
+        (ifd,) = struct.unpack_from(order + "I", data, 4)
+        (count,) = struct.unpack_from(order + "H", data, ifd)
+        (following,) = struct.unpack_from(order + "I", data, ifd + 2 + 12 * count)
+        if following in (0, ifd):
+            return False
+        (entries,) = struct.unpack_from(order + "H", data, following)
+        return entries > 0
+    except (struct.error, IndexError, ValueError):
+        return False
 
 
 def _webp_size(data: Bytes) -> tuple[int, int] | None:
@@ -114,18 +199,56 @@ def _webp_size(data: Bytes) -> tuple[int, int] | None:
     return None
 
 
+def _bmp_size(data: Bytes) -> tuple[int, int] | None:
+    """As OpenCV's own BMP reader: a 12-byte BITMAPCOREHEADER (OS/2) has 16-bit unsigned sizes, every
+    header of 36 bytes or more (INFO, V2-V5, OS/2 2.x) 32-bit signed ones; a negative height is a
+    top-down image, a width that is not positive and other header sizes are refused."""
+    (header,) = struct.unpack_from("<I", data, 14)
+    if header == 12:
+        width, height = struct.unpack_from("<HH", data, 18)
+    elif 36 <= header < 1 << 31:
+        width, height = struct.unpack_from("<ii", data, 18)
+    else:
+        return None
+    if width <= 0 or height in (0, -(1 << 31)):
+        return None
+    return width, abs(height)
+
+
+_PNG_MAX_CHUNKS = 100_000
+
+
+def _png_chunks_fit(data: Bytes) -> bool:
+    """Every chunk OpenCV reads by itself (those before the image data; all of them in an APNG) fits in
+    the body. OpenCV copies such a chunk into a buffer of the size its length field claims before finding
+    out that the body is shorter: a 200-byte PNG whose IDAT length says 2 GB made it allocate and zero 2 GB.
+    """
+    position, end, animated = 8, len(data), False
+    for _ in range(_PNG_MAX_CHUNKS):
+        if position + 12 > end:
+            return False
+        length, kind = struct.unpack_from(">I4s", data, position)
+        position += 12 + length
+        if position > end:
+            return False
+        if kind == b"acTL":
+            animated = True
+        elif kind == b"IEND" or kind == b"IDAT" and not animated:
+            return True
+    return False
+
+
 def image_dimensions(data: Bytes, fmt: str) -> tuple[int, int] | None:
     """(width, height) from the header alone, or None when the header cannot be read."""
     try:
         if fmt == "png":
-            if bytes(data[12:16]) != b"IHDR":
+            if bytes(data[12:16]) != b"IHDR" or struct.unpack_from(">I", data, 8)[0] != 13:
                 return None
             return struct.unpack_from(">II", data, 16)
         if fmt == "jpeg":
             return _jpeg_size(data)
         if fmt == "bmp":
-            width, height = struct.unpack_from("<ii", data, 18)
-            return abs(width), abs(height)
+            return _bmp_size(data)
         if fmt == "tiff":
             return _tiff_size(data)
         if fmt == "webp":
@@ -133,11 +256,6 @@ def image_dimensions(data: Bytes, fmt: str) -> tuple[int, int] | None:
     except (struct.error, IndexError, ValueError):
         return None
     return None
-
-
-def _imcount_from_buffer(buffer: np.ndarray) -> int:
-    ok, pages = cv2.imdecodemulti(buffer, cv2.IMREAD_UNCHANGED, range=(0, 2))
-    return len(pages) if ok else 1
 
 
 def decode_image(data: Bytes, *, max_frame_pixels: int, color: ColorMode = "bgr") -> Frame:
@@ -153,17 +271,25 @@ def decode_image(data: Bytes, *, max_frame_pixels: int, color: ColorMode = "bgr"
     if width * height > max_frame_pixels:
         raise PayloadTooLarge(f"image header claims {width}x{height} = {width * height} pixels; "
                               f"max_frame_pixels is {max_frame_pixels}")
+    tile = _tiff_tile_size(data) if fmt == "tiff" else None
+    if tile is not None and tile[0] * tile[1] > max_frame_pixels:
+        raise PayloadTooLarge(f"TIFF tiles of {tile[0]}x{tile[1]} = {tile[0] * tile[1]} pixels are decoded whole; "
+                              f"max_frame_pixels is {max_frame_pixels}")
     if fmt == "jpeg" and b"\xff\xd9" not in bytes(data[-32:]):
         # libjpeg decodes a truncated file without an error and greys out the missing rows (3.2).
         raise BadRequest("truncated JPEG: end-of-image marker missing")
-    if fmt == "png" and b"IEND" not in bytes(data[-16:]):
+    if fmt == "png" and (b"IEND" not in bytes(data[-16:]) or not _png_chunks_fit(data)):
         raise BadRequest("PNG could not be decoded (truncated or corrupt)")
     buffer = np.frombuffer(data, np.uint8)
     warnings = []
     if fmt in ("tiff", "webp"):
-        if fmt == "tiff" and _imcount_from_buffer(buffer) > 1 or fmt == "webp" and b"ANMF" in bytes(data[:65536]):
+        # Pages are counted from the IFD chain: decoding page 2 to count it would bypass max_frame_pixels.
+        if fmt == "tiff" and _tiff_has_second_page(data) or fmt == "webp" and b"ANMF" in bytes(data[:65536]):
             warnings.append(MULTI_FRAME_WARNING)
-    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    try:
+        image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    except cv2.error:  # some checks of OpenCV's readers raise instead of failing (validateInputImageSize)
+        image = None
     if image is None:
         raise BadRequest(f"{fmt.upper()} could not be decoded (truncated or corrupt)")
     if image.dtype == np.uint16:
@@ -234,6 +360,43 @@ def raw_frame(body: Bytes, width: int, height: int, *, bayer: bool, color: Color
     return _pixels(body, width, height, "raw", color, "body")
 
 
+# The group that camera scripts of other users share their blocks with (docs/systemd.md, "Camera scripts of another
+# user"): the install creates it, the unit gives it to the service with SupplementaryGroups=.
+CAMERA_GROUP = "appliance-cameras"
+
+
+def _unreadable_block_message(bare: str, path: str) -> str:
+    """What the client must do so that the appliance can read its block: the 403 of read_shared_memory."""
+    import grp
+    import pwd
+
+    def user(uid: int) -> str:
+        try:
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return f"uid {uid}"
+
+    try:
+        info = os.lstat(path)
+        block = f" (owner {user(info.st_uid)}, mode {stat.S_IMODE(info.st_mode):04o})"
+    except OSError:
+        block = ""
+    fix = f"chgrp {CAMERA_GROUP} {path} && chmod 0640 {path}"
+    try:
+        member = grp.getgrnam(CAMERA_GROUP).gr_gid in (os.getegid(), *os.getgroups())
+    except KeyError:
+        member = False
+    me = user(os.geteuid())
+    if member:
+        return (f"shared memory segment '{bare}'{block} is not readable by the appliance (user {me}, group "
+                f"{CAMERA_GROUP}): the camera script must make it readable by group {CAMERA_GROUP} right after "
+                f"creating it, as `{fix}` does (docs/systemd.md, \"Camera scripts of another user\")")
+    return (f"shared memory segment '{bare}'{block} is not readable by the appliance (user {me}, not in group "
+            f"{CAMERA_GROUP}): run the camera script as user {me}, or give the service SupplementaryGroups="
+            f"{CAMERA_GROUP} and make the block readable by that group, as `{fix}` does (docs/systemd.md, "
+            "\"Camera scripts of another user\")")
+
+
 def read_shared_memory(name: str, width: int, height: int, *, color: ColorMode = "bgr",
                        shm_dir: str = "/dev/shm") -> Frame:
     """Copy a client's block out with one preadv; never map it, keep it open or unlink it (RELIABILITY 6)."""
@@ -247,8 +410,7 @@ def read_shared_memory(name: str, width: int, height: int, *, color: ColorMode =
         if error.errno == errno.ENOENT:
             raise BadRequest(f"shared memory segment '{bare}' not found") from None
         if error.errno == errno.EACCES:
-            raise Forbidden(f"shared memory segment '{bare}' is not readable by the appliance user; "
-                            "run the client as that user") from None
+            raise Forbidden(_unreadable_block_message(bare, os.path.join(shm_dir, bare))) from None
         raise BadRequest("invalid shared memory name") from None
     try:
         info = os.fstat(fd)

@@ -3,16 +3,25 @@
     python examples/camera_loop.py --source /dev/video0 --rate 10 --as bayer
     python examples/camera_loop.py --source parts/ --as jpeg --url http://127.0.0.1:8000
     python examples/camera_loop.py --source line.mp4 --as bgr --max-frames 100
+    python examples/camera_loop.py --source /dev/video0 --as shm --shm-group appliance-cameras
 
 Each answer's verdict, rectangles and latency is printed, one line per frame.
+
+`--as shm` hands each frame over in a /dev/shm block (same machine only). Python creates blocks with mode 0600, so
+the appliance can read them only when this script runs as the appliance's user; with `--shm-group GROUP` (the
+install's `appliance-cameras`, which the service has) the block is given to that group with mode 0640 right after
+it is created, so the script can run as any user of that group (docs/systemd.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import grp
+import os
 import sys
 import time
 from collections.abc import Iterator
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import cv2
@@ -71,16 +80,52 @@ def request_for(image: np.ndarray, kind: str) -> tuple[str, bytes]:
     return f"/analyze_raw_image?width={image.shape[1]}&height={image.shape[0]}", np.ascontiguousarray(image).tobytes()
 
 
+class SharedFrames:
+    """One /dev/shm block, made again when the frame size changes; readable by `group` when one is given."""
+
+    def __init__(self, group: str | None):
+        self.gid = grp.getgrnam(group).gr_gid if group else None
+        self.block: shared_memory.SharedMemory | None = None
+
+    def request_for(self, image: np.ndarray) -> tuple[str, bytes]:
+        image = np.ascontiguousarray(image)
+        if self.block is None or self.block.size != image.nbytes:
+            self.close()
+            self.block = shared_memory.SharedMemory(create=True, size=image.nbytes)
+            if self.gid is not None:
+                # The umask cannot add group read to Python's 0600, so set group and mode on the block itself.
+                path = f"/dev/shm/{self.block.name}"
+                os.chown(path, -1, self.gid)
+                os.chmod(path, 0o640)
+        np.ndarray(image.shape, np.uint8, buffer=self.block.buf)[:] = image
+        height, width = image.shape[:2]
+        return f"/analyze_image_shared_memory?width={width}&height={height}&name={self.block.name}", b""
+
+    def close(self) -> None:
+        if self.block is not None:
+            self.block.close()
+            self.block.unlink()
+            self.block = None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", required=True, help="video file, image folder, /dev/videoN or camera index")
     parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--as", dest="kind", choices=["bgr", "bayer", "jpeg"], default="jpeg")
+    parser.add_argument("--as", dest="kind", choices=["bgr", "bayer", "jpeg", "shm"], default="jpeg")
+    parser.add_argument("--shm-group", metavar="GROUP", help="with --as shm: make each block readable by this "
+                        "group (0640), e.g. appliance-cameras, for an appliance that runs as another user")
     parser.add_argument("--rate", type=float, default=0, help="frames per second (0: as fast as answered)")
     parser.add_argument("--max-frames", type=int, default=0)
     parser.add_argument("--api-key", help="sent as X-API-Key")
     parser.add_argument("--loop", action="store_true", help="start again at the end of a file or folder")
     args = parser.parse_args()
+    if args.shm_group and args.kind != "shm":
+        parser.error("--shm-group needs --as shm")
+    try:
+        shared = SharedFrames(args.shm_group) if args.kind == "shm" else None
+    except KeyError:
+        parser.error(f"no group named {args.shm_group!r}")
 
     session = requests.Session()
     if args.api_key:
@@ -88,8 +133,19 @@ def main() -> int:
     interval = 1 / args.rate if args.rate > 0 else 0
     counts = {"OK": 0, "NG": 0, "error": 0}
     next_time = time.monotonic()
+    try:
+        loop(args, session, shared, counts, interval, next_time)
+    finally:
+        if shared:
+            shared.close()
+    print(f"done: {counts['OK']} OK, {counts['NG']} NG, {counts['error']} errors", file=sys.stderr)
+    return 0
+
+
+def loop(args: argparse.Namespace, session: requests.Session, shared: SharedFrames | None, counts: dict[str, int],
+         interval: float, next_time: float) -> None:
     for sent, (name, image) in enumerate(frames_from(args.source, args.loop), start=1):
-        path, body = request_for(image, args.kind)
+        path, body = shared.request_for(image) if shared else request_for(image, args.kind)
         started = time.perf_counter()
         answer = session.post(args.url + path, data=body, timeout=20)
         latency = (time.perf_counter() - started) * 1000
@@ -108,8 +164,6 @@ def main() -> int:
         if interval:
             next_time += interval
             time.sleep(max(0.0, next_time - time.monotonic()))
-    print(f"done: {counts['OK']} OK, {counts['NG']} NG, {counts['error']} errors", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -242,6 +242,11 @@ def test_segment_of_another_user_is_403(block):
             "except Forbidden as e:\n    print(e.status, e.message)\n")
     result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
                             capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert result.stdout.strip() == (f"403 shared memory segment '{segment.name}' is not readable by the appliance "
-                                     "user; run the client as that user"), result.stderr
+    path = f"/dev/shm/{segment.name}"
+    assert result.stdout.strip() == (
+        f"403 shared memory segment '{segment.name}' (owner root, mode 0600) is not readable by the appliance (user "
+        f"nobody, not in group appliance-cameras): run the camera script as user nobody, or give the service "
+        f"SupplementaryGroups=appliance-cameras and make the block readable by that group, as `chgrp "
+        f"appliance-cameras {path} && chmod 0640 {path}` does (docs/systemd.md, \"Camera scripts of another user\")"
+    ), result.stderr
     assert Forbidden.status == 403
