@@ -58,6 +58,9 @@ class ServerState:
     def __post_init__(self) -> None:
         self.semaphore = asyncio.Semaphore(self.slots)
         self.code_nodes = frozenset(node.id for node in self.project.nodes if node.settings.type == "code@1")
+        # appliance_ready, read at each scrape: what GET /health/ready answers (app.py `health_ready`).
+        self.metrics.follow_readiness(lambda: self.ready and not self.draining and
+                                      self.project.stuck_hooks < self.project.config.limits.max_stuck_hooks)
 
 
 STATE = web.AppKey("state", ServerState)
@@ -166,6 +169,7 @@ async def inspect(request: web.Request | None, state: ServerState, decode: Calla
         stages["flow"].observe(encoding - inspecting)
         state.last = ctx
         state.metrics.verdicts.labels("ok" if ctx.get("result") else "ng").inc()
+        state.metrics.observe_scores(ctx, project, capability)
         for error in ctx.get("errors", []):
             node = error.get("node") if isinstance(error, dict) else None
             if node in state.code_nodes and "type" in error:

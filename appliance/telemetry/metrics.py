@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+import math
 import platform
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import Any, TypeGuard
 
 import openvino
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 
 import appliance
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+# Anomaly score over the node's threshold: 1 is the threshold (at or over it the node marks the frame), finest
+# around it, where a drifting camera or a dirty lens moves good parts first.
+RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0)
+# Probabilities (classifier top score, detector, face and OCR confidences): finest near 1, where confident
+# answers live and where a slow loss of confidence shows first.
+PROBABILITY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
+# Node types whose rectangles carry a model's confidence (a Code hook's rectangles carry whatever it says).
+CONFIDENCE_NODES = frozenset({"detect@1", "faces@1", "ocr@1"})
+
+
+def thread_count() -> int:
+    """Threads of this process, OpenVINO's and the hooks' included (what systemd's TasksMax counts)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return threading.active_count()  # no /proc: the Python threads only
 
 
 class Metrics:
@@ -54,6 +77,25 @@ class Metrics:
                                    ["model"], registry=r)
         self.model_info = Gauge("appliance_model_info", "Loaded model versions and where they run",
                                 ["model", "version", "device", "precision"], registry=r)
+        self.ready = Gauge("appliance_ready", "1 when GET /health/ready answers 200: every node prepared, not "
+                           "draining, fewer stuck Code hooks than limits.max_stuck_hooks", registry=r)
+        # Scores per node, labelled by the node ids of the project's flows (a bounded set).
+        self.anomaly_ratio = Histogram("appliance_anomaly_score_threshold_ratio", "Anomaly score of a frame over "
+                                       "the threshold it was judged by (1: at the threshold)", ["node"],
+                                       buckets=RATIO_BUCKETS, registry=r)
+        self.classifier_top = Histogram("appliance_classifier_top_score", "Highest label score of a classify "
+                                        "node per frame (0 when no label reached the node's lowest threshold and "
+                                        "show_discarded is off)", ["node"], buckets=PROBABILITY_BUCKETS,
+                                        registry=r)
+        self.detection_confidence = Histogram("appliance_detection_confidence", "Confidence of each rectangle a "
+                                              "detect, faces or ocr node kept", ["node"],
+                                              buckets=PROBABILITY_BUCKETS, registry=r)
+        # (histogram, node) -> its child: labels() costs more than observe() and runs per rectangle.
+        self._score_children: dict[tuple[int, str], Any] = {}
+        # The process: memory, CPU seconds, descriptors (from /proc), and threads.
+        ProcessCollector(registry=r)
+        Gauge("process_threads", "Threads of this process (all of them, as TasksMax counts)",
+              registry=r).set_function(thread_count)
         Info("appliance_build", "Versions of this build", registry=r).info({
             "version": appliance.__version__,
             "openvino_version": openvino.__version__.split("-")[0],
@@ -64,6 +106,49 @@ class Metrics:
 
     def node(self, node_id: str, node_type: str, seconds: float) -> None:
         self.node_duration.labels(node_id, node_type).observe(seconds)
+
+    def follow_readiness(self, is_ready: Callable[[], bool]) -> None:
+        """appliance_ready reads ``is_ready`` at each scrape."""
+        self.ready.set_function(lambda: 1.0 if is_ready() else 0.0)
+
+    def observe_scores(self, ctx: dict[str, Any], project: Any, capability: str | None = None) -> None:
+        """The scores an inspected frame carries, per node: anomaly score over threshold, classifier top score,
+        rectangle confidences. Only ids of nodes of the flow that ran (the project's, or ``capability``'s) label
+        a series, by their type: a Code hook that writes odd ids or values adds no series and raises nothing."""
+        runner = project.runner if capability is None else project.capabilities.get(capability)
+        nodes = runner.graph.nodes if runner is not None else {}
+
+        def node_types(node_id: str) -> str | None:
+            node = nodes.get(node_id)
+            return node.settings.type if node is not None else None
+
+        score, threshold = ctx.get("score"), ctx.get("threshold")
+        if _number(score) and _number(threshold) and threshold > 0:
+            # ctx["score"] is the last anomaly node's: the last anomaly node in the models it names.
+            for used in reversed(_dicts(ctx.get("models"))):
+                node = used.get("node")
+                if isinstance(node, str) and node_types(node) == "anomaly@1":
+                    self._score(self.anomaly_ratio, node).observe(score / threshold)
+                    break
+        for result in _dicts(ctx.get("classification")):
+            node = result.get("node")
+            # The node always writes a list of predictions (maybe empty); anything else is no node's answer.
+            if isinstance(node, str) and isinstance(result.get("predicted"), list) and node_types(node) == "classify@1":
+                scores = [entry.get("score") for key in ("predicted", "discarded")
+                          for entry in _dicts(result.get(key))]
+                self._score(self.classifier_top, node).observe(max([s for s in scores if _number(s)], default=0.0))
+        for rectangle in _dicts(ctx.get("detectedRectangles")):
+            source, confidence = rectangle.get("source"), rectangle.get("confidence")
+            node = source.get("moduleId") if isinstance(source, dict) else None
+            if isinstance(node, str) and _number(confidence) and node_types(node) in CONFIDENCE_NODES:
+                self._score(self.detection_confidence, node).observe(confidence)
+
+    def _score(self, histogram: Histogram, node: str) -> Any:
+        key = (id(histogram), node)
+        child = self._score_children.get(key)
+        if child is None:
+            child = self._score_children[key] = histogram.labels(node)
+        return child
 
     # The runtime's observer (appliance.runtime.models.RuntimeObserver).
     def inference(self, model: Any, seconds: float) -> None:
@@ -96,3 +181,11 @@ class Metrics:
         for replaced in self._serving - serving:
             self.inference_duration.remove(*replaced)
         self._serving = serving
+
+
+def _number(value: Any) -> TypeGuard[float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
