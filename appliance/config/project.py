@@ -100,7 +100,8 @@ class ProjectConfig(StrictModel):
     capabilities: Capabilities = Capabilities()
     firmware_profile: str = "cpu"
     models_dir: str = Field("models", description="the project's model store, relative to the project folder")
-    # OpenVINO's compiled-model cache; default: systemd's CacheDirectory, else <project>/.cache/openvino.
+    # OpenVINO's compiled-model cache; default: systemd's CacheDirectory, else $XDG_CACHE_HOME/appliance, else
+    # <project>/.cache/openvino (appliance/paths.py, docs/install.md).
     cache_dir: str | None = None
     color: Literal["bgr", "gray"] = "bgr"
     limits: Limits = Limits()

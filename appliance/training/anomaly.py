@@ -45,11 +45,11 @@ import openvino as ov
 import openvino.opset13 as ops  # as backbones.py; every op used here is in opset 13
 import yaml
 
+from appliance.paths import model_store
 from appliance.runtime.backbones import INPUT_NAME, feature_extractor
 from appliance.runtime.devices import core
 from appliance.runtime.store import _publish_dir, _write_bytes, read_current, switch_current, write_manifest
 
-REPO = Path(__file__).resolve().parents[2]
 BACKBONE = "efficientnet_lite0"
 TAPS = ("blocks.2", "blocks.4")
 GRID_STRIDE = 4  # blocks.2's stride: the map is size / 4 on a side
@@ -710,8 +710,9 @@ def _plain(value: Any) -> Any:
 
 
 def default_backbone() -> Path:
-    """models/efficientnet_lite0/<current>/model.xml in the store ($APPLIANCE_MODEL_STORE or <repo>/models)."""
-    store = Path(os.environ.get("APPLIANCE_MODEL_STORE") or REPO / "models")
+    """efficientnet_lite0/<current>/model.xml in the pretrained store: $APPLIANCE_MODEL_STORE, else a source
+    checkout's models/, else ~/.local/share/appliance/models (appliance/paths.py)."""
+    store = model_store()
     model_dir = store / BACKBONE
     version = read_current(model_dir)
     if version is None:

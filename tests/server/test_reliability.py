@@ -412,8 +412,8 @@ def test_7_7_to_7_11_check_and_serve_report_every_problem_with_its_place(tmp_pat
     project = write_project(tmp_path / "p", flow)
     check = subprocess.run([sys.executable, "-m", "appliance", "check", str(project)], capture_output=True,
                            text=True, cwd=REPO)
-    assert check.returncode == 1
-    lines = check.stdout.splitlines()
+    assert check.returncode == 78
+    lines = check.stderr.splitlines()
     flow_file = [line for line in lines if "flow.yaml" in line]
     assert [line.split(" ", 1)[1] for line in flow_file] == [
         "nodes.a.widht: unknown key (did you mean 'width'?)",
@@ -438,8 +438,8 @@ def test_code_nodes_are_refused_when_code_is_disabled(tmp_path):
                             hooks={"h": "def main(context):\n    pass\n"})
     check = subprocess.run([sys.executable, "-m", "appliance", "check", "--disable-code", str(project)],
                            capture_output=True, text=True, cwd=REPO)
-    assert check.returncode == 1
-    assert "nodes.h.type: Code nodes are disabled for this project (--disable-code)" in check.stdout
+    assert check.returncode == 78
+    assert "nodes.h.type: Code nodes are disabled for this project (--disable-code)" in check.stderr
 
 
 def test_1_15_a_body_on_shared_memory_is_not_read(spots_server):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import stat
+import subprocess
 import sys
 
 import pytest
@@ -62,12 +62,17 @@ def test_sdk_sees_errors_as_the_context(spots_server):
     assert "result" not in result.context
 
 
-def test_sdk_launches_our_server_through_a_pekat_vision_wrapper(tmp_path):
+def pekat_dist(tmp_path) -> str:
+    """The launcher a user gets from `appliance pekat-dist DIR` (README), run from another folder."""
     dist = tmp_path / "dist"
-    (dist / "pekat_vision").mkdir(parents=True)
-    wrapper = dist / "pekat_vision" / "pekat_vision"
-    wrapper.write_text(f"#!/bin/sh\ncd {REPO}\nexec {sys.executable} -u -m appliance serve \"$@\"\n")
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    done = subprocess.run([sys.executable, "-m", "appliance", "pekat-dist", str(dist)], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    return str(dist)
+
+
+def test_sdk_launches_our_server_through_the_pekat_dist_launcher(tmp_path):
+    dist = pekat_dist(tmp_path)
     project = tmp_path / "project"
     project.mkdir()
     (project / "pekat_package.json").write_text(json.dumps({"name": "launched"}))
@@ -89,11 +94,7 @@ def test_sdk_launches_our_server_through_a_pekat_vision_wrapper(tmp_path):
 def test_sdk_gets_port_is_allocated_when_the_port_is_taken(spots_server, tmp_path):
     from PekatVisionSDK.errors import PortIsAllocatedError
 
-    dist = tmp_path / "dist"
-    (dist / "pekat_vision").mkdir(parents=True)
-    wrapper = dist / "pekat_vision" / "pekat_vision"
-    wrapper.write_text(f"#!/bin/sh\ncd {REPO}\nexec {sys.executable} -u -m appliance serve \"$@\"\n")
-    wrapper.chmod(0o755)
+    dist = pekat_dist(tmp_path)
     project = tmp_path / "project"
     project.mkdir()
     (project / "pekat_package.json").write_text("{}")
