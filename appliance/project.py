@@ -11,11 +11,12 @@ import hashlib
 import logging
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.config.flow import FlowSpec
-from appliance.config.loader import ProjectFiles, load_project_files, sorted_problems
+from appliance.config.loader import ProjectFiles, _display, load_project_files, sorted_problems
 from appliance.config.source import YamlDocument
 from appliance.context import Context, finish
 from appliance.errors import ConfigError, DeviceUnavailable
@@ -26,12 +27,19 @@ from appliance.nodes.base import Node, NodeEnvironment
 from appliance.runtime.devices import place
 from appliance.runtime.models import Runtime, RuntimeOptions, default_cache_dir
 from appliance.runtime.spec import read_spec
-from appliance.runtime.store import read_current, resolve_version
+from appliance.runtime.store import StoreError, read_current, resolve_version
 
 if TYPE_CHECKING:
     from appliance.frames import Frame
 
 log = logging.getLogger(__name__)
+
+# project.yaml settings the running server fixed when it started (its socket, routes, keys, device, model
+# store): a reload keeps their old values and says that they need a restart.
+RESTART_SETTINGS = ("name", "host", "port", "api_key", "api_keys", "apis", "api_settings", "firmware_profile",
+                    "models_dir", "cache_dir", "metrics")
+# The same for limits: the body size aiohttp enforces, the drain, and the Code hooks' thread pool.
+RESTART_LIMITS = ("max_frame_pixels", "max_body_bytes", "drain_timeout_s", "max_stuck_hooks")
 
 # A stored model's task -> the node type (and settings) that runs it alone (Project.model_capability).
 TASK_NODES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -78,6 +86,10 @@ class Project:
                                                       else files.directory / cache_dir))
         env = NodeEnvironment(project_dir=files.directory, config=config, code_allowed=code_allowed,
                               runtime=runtime)
+        return cls._compiled(files, env)
+
+    @classmethod
+    def _compiled(cls, files: ProjectFiles, env: NodeEnvironment) -> Project:
         graph, problems = compile_flow(files.flow, env)
         capability_graphs = {}
         for capability, flow in files.capability_flows.items():
@@ -88,6 +100,52 @@ class Project:
         if graph is None or problems:
             raise ConfigError(sorted_problems(problems))
         return cls(files, graph, env, capability_graphs)
+
+    def reloaded(self) -> tuple[Project, list[str]]:
+        """This project as its files say now, compiled and prepared beside this one, which keeps serving (call
+        it from a thread of its own: hooks are imported and new models compiled here). The models this project
+        has loaded are shared, not compiled again, and so are its Code hook threads.
+
+        Settings the running server fixed when it started (RESTART_SETTINGS, RESTART_LIMITS) keep this
+        project's values; returns the new project and the names of those that changed, which need a restart.
+        Raises ConfigError with every problem (`file:line` of the flow or the hook) and keeps nothing."""
+        files = load_project_files(self.files.directory)
+        config = files.config
+        changed = [name for name in RESTART_SETTINGS if getattr(config, name) != getattr(self.config, name)]
+        if files.api_keys != self.api_keys and not {"api_key", "api_keys"} & set(changed):
+            changed.append("api_keys (a key's file)")
+        changed += [f"limits.{name}" for name in RESTART_LIMITS
+                    if getattr(config.limits, name) != getattr(self.config.limits, name)]
+        kept_limits = config.limits.model_copy(update={name: getattr(self.config.limits, name)
+                                                       for name in RESTART_LIMITS})
+        config = config.model_copy(update={**{name: getattr(self.config, name) for name in RESTART_SETTINGS},
+                                           "limits": kept_limits})
+        files = dataclasses.replace(files, config=config, api_keys=self.api_keys, profile=self.files.profile)
+        runtime = self.runtime.successor()
+        env = NodeEnvironment(project_dir=files.directory, config=config, code_allowed=self.env.code_allowed,
+                              runtime=runtime, extras=dict(self.env.extras))
+        try:
+            new = self._compiled(files, env)
+            for runner in new.runners:
+                runner.observe_node = self.runner.observe_node
+            new.prepare(describe_failures=True)
+            # Stored models that a vendor API asked for by name run on one-node flows built on first use: the new
+            # project has them ready too (on the same loaded slots), so a request in flight finds them.
+            for key in list(self.capabilities):
+                if key.startswith("model:"):
+                    model, _, version = key[len("model:"):].partition("@")
+                    try:
+                        new.model_capability(model, version or None)
+                    except (ConfigError, StoreError) as error:
+                        log.warning("reload: %s is no longer served: %s", key, error)
+        except BaseException:
+            hooks = env.extras.get("hooks")
+            if hooks is not None and hooks is not self.env.extras.get("hooks"):
+                hooks.shutdown()  # made for the failed flow; the serving one's threads are kept
+            raise
+        finally:
+            runtime.end_inheritance()
+        return new, changed
 
     @property
     def name(self) -> str:
@@ -111,11 +169,32 @@ class Project:
     def node_count(self) -> int:
         return len(self.nodes)
 
-    def prepare(self) -> None:
-        """Load hooks and compile models (in a worker thread); the project is ready when every node is."""
+    def prepare(self, describe_failures: bool = False) -> None:
+        """Load hooks and compile models (in a worker thread); the project is ready when every node is.
+        ``describe_failures``: a node that cannot be prepared raises ConfigError naming the node and, for a
+        hook, the file and line that failed, instead of the exception itself."""
         for node in self.nodes:
-            node.prepare()
+            if describe_failures:
+                try:
+                    node.prepare()
+                except Exception as error:  # noqa: BLE001 - any failure of a hook's import is reported
+                    raise ConfigError([self._prepare_problem(node, error)]) from error
+            else:
+                node.prepare()
             self.ready_nodes += 1
+
+    def _prepare_problem(self, node: Node, error: Exception) -> str:
+        """`code/check.py:3: nodes.h: cannot prepare (ModuleNotFoundError: No module named 'nope')`: the deepest
+        place in the project's folder that the failure went through, else the flow file."""
+        place = _display(self.files.flow_path)
+        for frame in reversed(traceback.extract_tb(error.__traceback__)):
+            if Path(frame.filename).is_relative_to(self.files.directory):
+                place = f"{_display(Path(frame.filename))}:{frame.lineno}"
+                break
+        if isinstance(error, SyntaxError) and error.filename and error.lineno:
+            place = f"{_display(Path(error.filename))}:{error.lineno}"
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        return f"{place}: nodes.{node.id}: cannot prepare ({type(error).__name__}: {first})"
 
     @property
     def ready(self) -> bool:
@@ -188,6 +267,10 @@ class Project:
         (it is in `errors`). ``request``: the validated overrides and ``lang`` the flow's nodes read."""
         started = time.perf_counter()
         ctx = Context.for_frame(frame.image, data, frame.warnings, request)
+        if capability is not None and capability not in self.capabilities and capability.startswith("model:"):
+            # Named before a reload by the project this one replaced, built (at once, on loaded slots) here.
+            model, _, version = capability[len("model:"):].partition("@")
+            capability = self.model_capability(model, version or None)
         runner = self.runner if capability is None else self.capabilities[capability]
         ctx = runner.run(ctx)
         finish(ctx, started)

@@ -8,7 +8,6 @@ finishes on it while a new version is compiled beside it and then put in place w
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import tempfile
 import threading
@@ -22,9 +21,10 @@ import openvino as ov
 from openvino.preprocess import ColorFormat, PrePostProcessor
 
 from appliance.config.profile import FirmwareProfile
+from appliance.paths import openvino_cache
 from appliance.runtime.devices import core
 from appliance.runtime.spec import ModelSpec, read_spec
-from appliance.runtime.store import StoreError, network_file, read_current, resolve_version
+from appliance.runtime.store import StoreError, network_file, read_current, resolve_version, switch_current
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,19 @@ class LoadedModel:
                 self.observer.inference(self, time.perf_counter() - started)
 
 
+_POINTER_LOCKS: dict[Path, threading.RLock] = {}
+_POINTER_LOCKS_GUARD = threading.Lock()
+
+
+def pointer_lock(model_dir: Path) -> threading.RLock:
+    """The lock of one model's `current` pointer and of the versions its slots run, shared by every slot of that
+    model in this process (a reloaded project's runtime too). Reading the pointer and swapping a slot to it, or
+    compiling a version, writing the pointer and swapping the slots to it, happen under it, so the pointer
+    follower can never see a slot swapped before the pointer that confirms it (RELIABILITY 12.1)."""
+    with _POINTER_LOCKS_GUARD:
+        return _POINTER_LOCKS.setdefault(model_dir, threading.RLock())
+
+
 class ModelSlot:
     """The current version of one named model, and the switch to another version."""
 
@@ -185,7 +198,11 @@ class ModelSlot:
         self.input_shape = input_shape
         self.current: LoadedModel | None = None
         self.failed_version: str | None = None
-        self._switching = threading.Lock()
+        self.lock = pointer_lock(store / name)
+
+    @property
+    def follows_pointer(self) -> bool:
+        return True
 
     def _compile(self, version: str | None) -> LoadedModel:
         observer = self.runtime.observer
@@ -201,27 +218,22 @@ class ModelSlot:
         return loaded
 
     def load(self) -> LoadedModel:
-        self.current = self._compile(None)
+        with self.lock:  # a switch of this model finishes first: the slot loads what it confirmed
+            self.current = self._compile(None)
         log.info("model %s: version %s on %s (%s) ready in %.2f s", self.name, self.current.version,
                  self.options.device, self.current.precision, self.current.load_seconds)
         return self.current
 
-    def switch(self, version: str | None = None) -> LoadedModel:
-        """Compile `version` (default: what `current` points at) beside the running one, then swap."""
-        with self._switching:
-            old = self.current
-            try:
-                new = self._compile(version)
-            except StoreError:
-                self.failed_version = version or read_current(self.store / self.name)
-                raise
-            self.current = new
-            self.failed_version = None
-            log.info("model %s: %s -> %s (compiled in %.2f s)", self.name, old.version if old else "none",
-                     new.version, new.load_seconds)
-            return new
+    def install(self, new: LoadedModel) -> None:
+        """Put a compiled version in place with one assignment (requests holding the old one finish on it)."""
+        old = self.current
+        self.current = new
+        self.failed_version = None
+        log.info("model %s: %s -> %s (compiled in %.2f s)", self.name, old.version if old else "none",
+                 new.version, new.load_seconds)
 
     def pointer_moved(self) -> bool:
+        """Whether `current` names another version than the one running (and not one that failed to load)."""
         wanted = read_current(self.store / self.name)
         return (wanted is not None and self.current is not None and wanted != self.current.version
                 and wanted != self.failed_version)
@@ -234,6 +246,10 @@ class PinnedSlot(ModelSlot):
                  input_shape: InputShape | None = None):
         super().__init__(store, name, options, runtime, input_shape)
         self.version = version
+
+    @property
+    def follows_pointer(self) -> bool:
+        return False
 
     def load(self) -> LoadedModel:
         self.current = self._compile(self.version)
@@ -253,6 +269,8 @@ class Runtime:
         self._lock = threading.Lock()
         # Set by the server before the models load; None in tests and benchmarks that run a project bare.
         self.observer: RuntimeObserver | None = None
+        # A reloaded project's runtime takes the slots its predecessor already loaded (see successor()).
+        self._inherited: dict[str, ModelSlot] = {}
 
     def slot(self, name: str, device: str | None = None, input_shape: InputShape | None = None) -> ModelSlot:
         key = f"{name}@{device}" if device else name
@@ -260,35 +278,103 @@ class Runtime:
             key += "[{}x{}x{}]".format(*input_shape)
         with self._lock:
             if key not in self.slots:
-                options = self.options if device is None else RuntimeOptions(device, {}, self.options.cache_dir)
-                self.slots[key] = self._new_slot(name, options, input_shape)
+                inherited = self._inherited.get(key)
+                if inherited is not None:
+                    self.slots[key] = inherited
+                else:
+                    options = self.options if device is None else RuntimeOptions(device, {}, self.options.cache_dir)
+                    self.slots[key] = self._new_slot(name, options, input_shape)
             return self.slots[key]
 
     def _new_slot(self, name: str, options: RuntimeOptions, input_shape: InputShape | None) -> ModelSlot:
         return ModelSlot(self.store, name, options, self, input_shape)
+
+    def successor(self) -> Runtime:
+        """A runtime for a reloaded project: same store, device and observer; a slot its nodes ask for that this
+        runtime has loaded is the same slot (no compile, no second copy in memory), until `end_inheritance`."""
+        runtime = Runtime(self.store, self.options)
+        runtime.observer = self.observer
+        with self._lock:
+            runtime._inherited = dict(self.slots)
+        return runtime
+
+    def end_inheritance(self) -> None:
+        """Forget the predecessor's slots (those this runtime did not take are freed with their project)."""
+        with self._lock:
+            self._inherited = {}
+
+    def take_over(self) -> None:
+        """This runtime serves now: its slots report to it (a predecessor's runtime is then free to go)."""
+        with self._lock:
+            for slot in self.slots.values():
+                slot.runtime = self
 
     def pinned(self, version: str) -> Runtime:
         """A runtime whose slots load ``version`` of their model, whatever `current` says. Its slots are its
         own: the server's health, metrics and pointer follower see only this runtime's."""
         return PinnedRuntime(self, version)
 
+    def _following(self, name: str | None = None) -> dict[str, list[ModelSlot]]:
+        """The slots that follow `current` pointers, by model name."""
+        by_name: dict[str, list[ModelSlot]] = {}
+        with self._lock:
+            for slot in self.slots.values():
+                if slot.follows_pointer and (name is None or slot.name == name):
+                    by_name.setdefault(slot.name, []).append(slot)
+        return by_name
+
+    def switch(self, name: str, version: str) -> str | None:
+        """Compile ``version`` of model ``name`` beside the running one for each of its slots, point `current`
+        at it, then swap every slot; returns the version that ran before. Under the model's pointer lock, so
+        the pointer follower sees the pointer and the slots agree. If a slot's compile (or the pointer's write)
+        fails, no slot is swapped and the pointer stays: raises StoreError, and the old version keeps serving."""
+        slots = self._following(name).get(name, [])
+        if not slots:
+            raise StoreError(f"model '{name}' is not loaded by this project")
+        with slots[0].lock:
+            previous = slots[0].current.version if slots[0].current else None
+            try:
+                compiled = [slot._compile(version) for slot in slots]
+            except StoreError:
+                for slot in slots:
+                    slot.failed_version = version
+                raise
+            try:
+                switch_current(self.store / name, version)
+            except OSError as error:
+                raise StoreError(f"model '{name}': version {version} compiled, but {self.store / name / 'current'} "
+                                 f"cannot be written ({error.strerror}); the old version keeps serving") from None
+            for slot, new in zip(slots, compiled, strict=True):
+                slot.install(new)
+            return previous
+
     def refresh(self) -> list[str]:
-        """Swap every model whose `current` pointer moved (polled by the server); returns what changed."""
+        """Swap every model whose `current` pointer moved (polled by the server); returns what changed. The
+        pointer is read and compared under the model's lock, and the version read is the one compiled: a switch
+        confirmed meanwhile (which writes the pointer before it swaps) is never undone."""
         changed = []
-        for slot in list(self.slots.values()):
-            if slot.pointer_moved():
+        for name, slots in self._following().items():
+            with slots[0].lock:
+                wanted = read_current(self.store / name)
+                stale = [slot for slot in slots if slot.pointer_moved()]
+                if wanted is None or not stale:
+                    continue
                 try:
-                    new = slot.switch()
-                    changed.append(f"{slot.name} {new.version}")
+                    compiled = [slot._compile(wanted) for slot in stale]
                 except StoreError as error:
-                    log.error("model %s: new version not loaded, the old one keeps serving: %s", slot.name, error)
+                    for slot in stale:
+                        slot.failed_version = wanted
+                    log.error("model %s: new version not loaded, the old one keeps serving: %s", name, error)
+                    continue
+                for slot, new in zip(stale, compiled, strict=True):
+                    slot.install(new)
+                changed.append(f"{name} {wanted}")
         return changed
 
 
 def default_cache_dir(project_dir: Path) -> Path:
-    """systemd's CacheDirectory= (CACHE_DIRECTORY), else the project's own .cache folder."""
-    from_systemd = os.environ.get("CACHE_DIRECTORY")
-    return Path(from_systemd.split(":")[0]) / "openvino" if from_systemd else project_dir / ".cache" / "openvino"
+    """systemd's CacheDirectory= (CACHE_DIRECTORY), else $XDG_CACHE_HOME, else the project's own .cache folder."""
+    return openvino_cache(project_dir)
 
 
 class PinnedRuntime(Runtime):

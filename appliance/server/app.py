@@ -24,7 +24,7 @@ from appliance.errors import (
     Unauthorized,
 )
 from appliance.project import Project
-from appliance.runtime.store import StoreError, switch_current
+from appliance.runtime.store import StoreError
 from appliance.server import core
 from appliance.server.auth import require_key
 from appliance.server.body import CLOSE, media_type, read_body, read_form
@@ -32,6 +32,7 @@ from appliance.server.core import STATE, ServerState
 from appliance.server.dialects import DIALECTS
 from appliance.server.dialects.base import Dialect
 from appliance.server.dialects.pekat import params
+from appliance.server.reload import RELOADS, Reloads
 from appliance.telemetry.logs import redact_query
 from appliance.telemetry.metrics import Metrics
 from appliance.threads import started_pool
@@ -45,6 +46,8 @@ _request_numbers = itertools.count(1)
 # appliance_rejected_requests_total{reason}: a fixed set, by the status of the refusal.
 REJECTION_REASONS = {400: "bad_input", 415: "bad_input", 401: "unauthorized", 403: "forbidden", 408: "body_timeout",
                      413: "too_large"}
+# How often the pointer follower reads the models' `current` pointers (RELIABILITY 12.1).
+DEFAULT_POINTER_POLL_S = 2.0
 # route resource -> the dialect that owns it (every route of the app is in it).
 ROUTE_OWNERS = web.AppKey("route_owners", dict)
 
@@ -198,9 +201,17 @@ async def health(request: web.Request) -> web.Response:
             entry["pending_version_failed"] = slot.failed_version
         models[slot.name] = entry
     status = "draining" if state.draining else "ready" if state.ready else "starting"
-    return web.json_response({"status": status, "project": project.name, "nodes": project.node_count,
-                              "ready_nodes": project.ready_nodes, "in_flight": state.in_flight,
-                              "queued": state.waiting, "stuck_hooks": project.stuck_hooks, "models": models})
+    answer = {"status": status, "project": project.name, "nodes": project.node_count,
+              "ready_nodes": project.ready_nodes, "in_flight": state.in_flight, "queued": state.waiting,
+              "stuck_hooks": project.stuck_hooks, "models": models, "flow_sha256": project.flow_sha256}
+    reloads = request.app[RELOADS]
+    if reloads.done:
+        answer["reloads"] = reloads.done
+    if reloads.failed is not None:
+        answer["reload_failed"] = reloads.failed  # the old flow serves (SIGHUP, server/reload.py)
+    if reloads.restart_needed:
+        answer["restart_needed"] = reloads.restart_needed
+    return web.json_response(answer)
 
 
 async def metrics_page(request: web.Request) -> web.Response:
@@ -218,21 +229,21 @@ async def switch_model(request: web.Request) -> web.Response:
     require_key(request, query, state.project.api_keys)
     name = params.text(query, "model")
     version = params.text(query, "version")
-    slots = [slot for slot in state.project.runtime.slots.values() if slot.name == name]
-    if not slots:
-        known = ", ".join(sorted({slot.name for slot in state.project.runtime.slots.values()})) or "none"
-        raise BadRequest(f"model '{name}' is not used by this project's flow; models: {known}")
     loop = asyncio.get_running_loop()
-    previous = slots[0].current.version if slots[0].current else None
-    try:
-        for slot in slots:
-            # Compiling takes seconds: a thread of its own, never a worker that frames are waiting for.
-            await loop.run_in_executor(None, slot.switch, version)
-    except StoreError as error:
-        log.error("model %s: version %s not loaded, the old one keeps serving: %s", name, version, error)
-        raise BadRequest(str(error)) from None
-    switch_current(state.project.runtime.store / name, version)
-    state.metrics.describe_models(state.project.runtime)
+    # One change at a time (a reload, the pointer follower): the slots switched are the serving project's.
+    async with request.app[RELOADS].lock:
+        runtime = state.project.runtime
+        if not any(slot.name == name for slot in runtime.slots.values()):
+            known = ", ".join(sorted({slot.name for slot in runtime.slots.values()})) or "none"
+            raise BadRequest(f"model '{name}' is not used by this project's flow; models: {known}")
+        try:
+            # Compiling takes seconds: a thread of its own, never a worker that frames are waiting for. The
+            # pointer is written before the swap, under the model's lock: the answer below is never undone.
+            previous = await loop.run_in_executor(None, runtime.switch, name, version)
+        except StoreError as error:
+            log.error("model %s: version %s not loaded, the old one keeps serving: %s", name, version, error)
+            raise BadRequest(str(error)) from None
+        state.metrics.describe_models(runtime)
     return web.json_response({"status": 200, "message": f"model {name}: {previous} -> {version}",
                               "data": {"model": name, "version": version, "previous": previous}})
 
@@ -269,16 +280,35 @@ async def enrol_face(request: web.Request) -> web.Response:
                               "gallery", "data": {"name": name.strip(), "descriptors": count}})
 
 
+def pointer_poll_seconds() -> float:
+    """How often the server reads the `current` pointers: 2 s (RELIABILITY 12.1); APPLIANCE_POINTER_POLL_S
+    changes it (tests poll faster to catch a race)."""
+    text = os.environ.get("APPLIANCE_POINTER_POLL_S", "")
+    try:
+        seconds = float(text) if text else DEFAULT_POINTER_POLL_S
+    except ValueError:
+        seconds = DEFAULT_POINTER_POLL_S
+    if not 0 < seconds < 3600:
+        log.warning("APPLIANCE_POINTER_POLL_S=%s is not a number of seconds in (0, 3600); polling every %g s",
+                    text, DEFAULT_POINTER_POLL_S)
+        seconds = DEFAULT_POINTER_POLL_S
+    return seconds
+
+
 async def _follow_model_pointers(app: web.Application) -> None:
     """Notice `current` pointers moved by `appliance models switch` (or a deployment tool) every 2 s."""
     state = app[STATE]
+    reloads = app[RELOADS]
     loop = asyncio.get_running_loop()
+    interval = pointer_poll_seconds()
     while True:
-        await asyncio.sleep(2)
+        await asyncio.sleep(interval)
         if state.ready and not state.draining:
-            changed = await loop.run_in_executor(None, state.project.runtime.refresh)
-            if changed:
-                state.metrics.describe_models(state.project.runtime)
+            async with reloads.lock:
+                runtime = state.project.runtime
+                changed = await loop.run_in_executor(None, runtime.refresh)
+                if changed:
+                    state.metrics.describe_models(runtime)
 
 
 def queue_depth(project: Project, workers: int) -> int:
@@ -301,10 +331,12 @@ def create_app(project: Project, *, stop_key: str | None = None, workers: int | 
     project.runtime.observer = metrics
     for runner in project.runners:
         runner.observe_node = metrics.node
-    metrics.stuck_hooks.set_function(lambda: project.stuck_hooks)
     state = ServerState(project=project, stop_key=stop_key, metrics=metrics,
                         workers=started_pool(slots, "worker"), slots=slots, queue_depth=queue_depth(project, slots))
+    # The serving project's, whichever a reload put in place (server/reload.py).
+    metrics.stuck_hooks.set_function(lambda: state.project.stuck_hooks)
     app[STATE] = state
+    app[RELOADS] = Reloads()
     for name in project.config.apis:
         kind = DIALECTS[name]
         settings = kind.settings_model.model_validate(project.config.api_settings.get(name, {}))
@@ -325,7 +357,7 @@ def create_app(project: Project, *, stop_key: str | None = None, workers: int | 
         for dialect in state.dialects.values():
             await dialect.stop()
         state.workers.shutdown(wait=False, cancel_futures=True)
-        project.close()
+        state.project.close()
 
     app.cleanup_ctx.append(lifecycle)
     return app

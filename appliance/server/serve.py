@@ -1,4 +1,5 @@
-"""Run one project: bind first, print PEKAT's launch markers, prepare the nodes, serve until stopped."""
+"""Run one project: bind first, print PEKAT's launch markers, prepare the nodes, serve until stopped (SIGTERM,
+SIGINT); SIGHUP reloads the project's flows and Code hooks (server/reload.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from appliance.project import Project
 from appliance.runtime.store import StoreError
 from appliance.server.app import create_app, queue_depth
 from appliance.server.core import STATE, ServerState
+from appliance.server.reload import RELOADS, request_reload, start_pending
 from appliance.telemetry.systemd import Notifier
 from appliance.threads import started_pool
 
@@ -94,6 +96,11 @@ async def _drain(state: ServerState, site: web.BaseSite, seconds: float) -> int:
 async def serve_project(project: Project, host: str, port: int, stop_key: str | None) -> int:
     app = create_app(project, stop_key=stop_key)
     state = app[STATE]
+    notifier = Notifier()
+    reloads = app[RELOADS]
+    # `systemctl reload` (ExecReload=/bin/kill -HUP $MAINPID): the flows and Code hooks, swapped beside (reload.py).
+    # Handled from before __SERVER_RUNNING__: SIGHUP's default action would end the process.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, request_reload, state, reloads, notifier)
     drain_timeout = project.config.limits.drain_timeout_s
     # The drain is ours (_drain); aiohttp's shutdown_timeout (60 s by default, 10.2) only bounds the writing of
     # answers that were ready when it ended.
@@ -132,7 +139,6 @@ async def serve_project(project: Project, host: str, port: int, stop_key: str | 
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    notifier = Notifier()
     extender = asyncio.create_task(_extend_start_timeout(notifier))
     try:
         await loop.run_in_executor(None, project.prepare)
@@ -154,6 +160,7 @@ async def serve_project(project: Project, host: str, port: int, stop_key: str | 
     _say("STOP_INIT_MODEL")
     notifier.send("READY=1", f"STATUS=serving {project.name} ({len(project.runtime.slots)} models) on {url}")
     watchdog = asyncio.create_task(_watchdog(notifier, state)) if notifier.watchdog_seconds else None
+    start_pending(state, reloads, notifier)
     await state.stop_requested.wait()
     notifier.send("STOPPING=1")
     if watchdog is not None:
@@ -165,6 +172,8 @@ async def serve_project(project: Project, host: str, port: int, stop_key: str | 
         log.warning("drain timeout of %g s reached: abandoned %d requests", drain_timeout, abandoned)
     await runner.cleanup()
     notifier.close()
-    if abandoned:
+    # A stuck hook thread would hold interpreter exit; the caller checks only the project it started with, and a
+    # reload may have added the hooks.
+    if abandoned or (state.project is not project and state.project.stuck_hooks):
         _exit_now(0)  # a clean stop all the same: systemd must not restart a service it asked to stop
     return 0

@@ -653,3 +653,67 @@ def test_12_4_memory_returns_to_the_single_version_level_after_5_swaps(tmp_path,
         swap(version)
     rss_after = process_counts(server.process.pid)[2]
     assert rss_after <= rss_single * 1.10, f"RSS {rss_single // 1024} MiB before, {rss_after // 1024} MiB after"
+
+
+def test_12_1_a_confirmed_switch_stays_switched_through_30_switches_with_frames_flowing_and_a_fast_follower(
+        tmp_path, serve):
+    # The pointer follower polls every 10 ms instead of 2 s, so that it reads the pointers again and again while
+    # each switch compiles and swaps: a follower that could read the old pointer after the swap would switch
+    # back to the old version, and the frames after the 200 would answer it.
+    project = write_project(tmp_path / "p", FLOW, api_key="k")
+    save_red_detector(project / "models", "2", threshold=2.0)
+    save_red_detector(project / "models", "1", threshold=0.5)
+    server = serve(project, env={"APPLIANCE_POINTER_POLL_S": "0.01"})
+    headers = {"X-API-Key": "k"}
+    body = frame((0, 0, 255))
+    answers: list[tuple[float, float, int, str | None]] = []  # (sent, answered, status, version)
+    stop = threading.Event()
+
+    def camera() -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                sent = time.monotonic()
+                response = session.post(f"{server.url}/analyze_image", data=body, headers=headers)
+                version = response.json()["models"][0]["version"] if response.status_code == 200 else None
+                answers.append((sent, time.monotonic(), response.status_code, version))
+
+    switches: list[tuple[float, float, str]] = []  # (asked, confirmed, version)
+    cameras = [threading.Thread(target=camera) for _ in range(3)]
+    for thread in cameras:
+        thread.start()
+    try:
+        with requests.Session() as session:
+            for number in range(30):
+                version = "21"[number % 2]
+                asked = time.monotonic()
+                switched = session.post(f"{server.url}/models/switch?model=red&version={version}", headers=headers)
+                confirmed = time.monotonic()
+                assert switched.status_code == 200, switched.text
+                switches.append((asked, confirmed, version))
+                # Right after the 200, and again after several of the follower's polls: the confirmed version.
+                for pause in (0, 0, 0.03, 0.05):
+                    time.sleep(pause)
+                    ctx = session.post(f"{server.url}/analyze_image", data=body, headers=headers).json()
+                    assert ctx["models"][0]["version"] == version, f"switch {number + 1} to {version} undone"
+                assert (project / "models" / "red" / "current").read_text() == version
+    finally:
+        stop.set()
+        for thread in cameras:
+            thread.join()
+    assert [a for a in answers if a[2] != 200] == []
+    # Every camera frame sent after a 200 and answered before the next switch was asked answers the confirmed
+    # version (one answered later may rightly answer the next switch's).
+    checked = 0
+    for (_, confirmed, version), following in zip(switches, [*switches[1:], (math.inf, math.inf, "")],
+                                                  strict=True):
+        between = [a for a in answers if confirmed <= a[0] and a[1] < following[0]]
+        late = [a for a in between if a[3] != version]
+        assert late == [], f"frames after the switch to {version} answered {sorted({a[3] for a in late})}"
+        checked += len(between)
+    assert checked >= 100
+    health = requests.get(f"{server.url}/health").json()
+    assert health["models"]["red"] == {"version": "1", "device": "CPU"}
+    # The follower saw nothing to do: every swap in the log is one that a switch asked for.
+    swaps = [entry["msg"] for entry in map(json.loads, server.log_text().splitlines())
+             if entry["msg"].startswith("model red: ") and " -> " in entry["msg"]]
+    assert len(swaps) == 30, swaps
