@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -12,6 +12,7 @@ from appliance.config.profile import FirmwareProfile, load_profile
 from appliance.config.project import KeySource, ProjectConfig, resolve_key
 from appliance.config.source import Problem, YamlDocument, load_yaml, validation_problems
 from appliance.errors import ConfigError
+from appliance.outputs.base import OutputSettings
 
 PROJECT_FILE = "project.yaml"
 
@@ -29,8 +30,10 @@ class ProjectFiles:
     # capability -> its flow, as `capabilities:` names them.
     capability_flows: dict[str, FlowSpec]
     profile: FirmwareProfile
-    # Where project.yaml names the profile, for the problem when its device is absent here.
+    # Where the project's profile is named, for the problem when its device is absent here.
     profile_problem: Problem
+    # `outputs:`, each validated by its kind (appliance/outputs/).
+    outputs: list[OutputSettings] = field(default_factory=list)
 
 
 def _display(path: Path) -> str:
@@ -68,6 +71,8 @@ def load_project_files(project_dir: Path) -> ProjectFiles:
             except ValueError as error:
                 problems.append(doc.problem(path, str(error)))
         problems += _api_settings_problems(doc, config)
+        outputs, output_problems = _outputs(doc, config)
+        problems += output_problems
     profile = None
     if config is not None:
         profile, profile_problems = load_profile(config.firmware_profile)
@@ -88,7 +93,7 @@ def load_project_files(project_dir: Path) -> ProjectFiles:
     if problems or config is None or flow is None or profile is None:
         raise ConfigError(sorted_problems(problems))
     return ProjectFiles(project_dir, config, api_keys, flow, flow_path, capability_flows, profile,
-                        doc.problem(("firmware_profile",), ""))
+                        doc.problem(("firmware_profile",), ""), outputs)
 
 
 def _load_flow(doc: YamlDocument, path: tuple[str, ...], reference: str | dict, project_path: Path
@@ -105,6 +110,35 @@ def _load_flow(doc: YamlDocument, path: tuple[str, ...], reference: str | dict, 
         return None, flow_path, list(flow_doc.problems)
     flow, problems = validate_flow(flow_doc)
     return flow, flow_path, problems
+
+
+def _outputs(doc: YamlDocument, config: ProjectConfig) -> tuple[list[OutputSettings], list[Problem]]:
+    """Each `outputs:` entry checked by its kind's model, `{env: ...}` values resolved, with their places."""
+    from appliance.outputs import OUTPUT_TYPES
+    from appliance.outputs.base import EnvValue
+
+    found: list[OutputSettings] = []
+    problems: list[Problem] = []
+    for index, item in enumerate(config.outputs):
+        kind = OUTPUT_TYPES.get(str(item.get("type")))
+        if kind is None:
+            problems.append(doc.problem(("outputs", index, "type"), f"unknown output type {item.get('type')!r}; "
+                                        f"known: {', '.join(OUTPUT_TYPES)}"))
+            continue
+        try:
+            settings = kind.settings_model.model_validate(item)
+        except ValidationError as error:
+            problems += validation_problems(doc, error, kind.settings_model, ("outputs", index))
+            continue
+        for name in type(settings).model_fields:
+            value = getattr(settings, name)
+            if isinstance(value, EnvValue):
+                try:
+                    value.resolve()
+                except ValueError as error:
+                    problems.append(doc.problem(("outputs", index, name), str(error)))
+        found.append(settings)
+    return found, problems
 
 
 def _api_settings_problems(doc: YamlDocument, config: ProjectConfig) -> list[Problem]:

@@ -98,6 +98,9 @@ class ProjectConfig(StrictModel):
     # Per-API settings, each validated by that API's own settings model (e.g. imagerecognize: {daily_quota: 3000}).
     api_settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
     capabilities: Capabilities = Capabilities()
+    # Where each inspection's result goes besides the HTTP answer (PLC, MQTT, MES...), each checked by its kind's
+    # own settings model (appliance/outputs/, docs/outputs.md).
+    outputs: list[dict[str, Any]] = Field(default_factory=list)
     firmware_profile: str = "cpu"
     models_dir: str = Field("models", description="the project's model store, relative to the project folder")
     # OpenVINO's compiled-model cache; default: systemd's CacheDirectory, else $XDG_CACHE_HOME/appliance, else

@@ -23,6 +23,7 @@ from appliance.errors import (
     ServiceUnavailable,
     Unauthorized,
 )
+from appliance.outputs import OUTPUT_TYPES
 from appliance.project import Project
 from appliance.runtime.store import StoreError
 from appliance.server import core
@@ -93,6 +94,8 @@ async def access_log(request: web.Request, handler: Callable[[web.Request], Awai
     """Outermost: request id, metrics and one log line per request, with secrets redacted (RELIABILITY 15)."""
     state = request.app[STATE]
     request_id = request.headers.get("X-Request-Id", "")[:64] or f"{_REQUEST_PREFIX}-{next(_request_numbers):x}"
+    request["request_id"] = request_id
+    request["api"] = dialect_of(request).name
     started = time.perf_counter()
     task = asyncio.current_task()
     assert task is not None
@@ -211,6 +214,8 @@ async def health(request: web.Request) -> web.Response:
         answer["reload_failed"] = reloads.failed  # the old flow serves (SIGHUP, server/reload.py)
     if reloads.restart_needed:
         answer["restart_needed"] = reloads.restart_needed
+    if state.outputs:
+        answer["outputs"] = {output.name: output.health() for output in state.outputs}
     return web.json_response(answer)
 
 
@@ -348,7 +353,13 @@ def create_app(project: Project, *, stop_key: str | None = None, workers: int | 
         owners.update({resource: served for resource in app.router.resources() if resource not in before})
     app[ROUTE_OWNERS] = owners
 
+    for index, settings in enumerate(project.files.outputs):
+        state.outputs.append(OUTPUT_TYPES[settings.type](settings.name or f"{settings.type}-{index}", settings,
+                                                         metrics))
+
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
+        for output in state.outputs:
+            output.start()
         for dialect in state.dialects.values():
             await dialect.start()
         follower = asyncio.create_task(_follow_model_pointers(app))
@@ -356,6 +367,7 @@ def create_app(project: Project, *, stop_key: str | None = None, workers: int | 
         follower.cancel()
         for dialect in state.dialects.values():
             await dialect.stop()
+        await asyncio.gather(*(output.stop() for output in state.outputs))
         state.workers.shutdown(wait=False, cancel_futures=True)
         state.project.close()
 

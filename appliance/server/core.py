@@ -19,6 +19,7 @@ from aiohttp import web
 from appliance import frames
 from appliance.context import Context
 from appliance.errors import ClientGone, PayloadTooLarge, ServiceUnavailable
+from appliance.outputs.base import Message
 from appliance.project import Project
 from appliance.server.body import CLOSE, check_declared_size
 from appliance.server.inspection import Inspection
@@ -26,6 +27,7 @@ from appliance.server.render import Answer
 from appliance.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
+    from appliance.outputs.base import Output
     from appliance.server.dialects.base import Dialect
 
 
@@ -52,6 +54,9 @@ class ServerState:
     last_progress: float = field(default_factory=time.monotonic)
     # The APIs this project serves, by name (project.yaml `apis`).
     dialects: dict[str, Dialect] = field(default_factory=dict)
+    # Where each inspection's result goes besides the answer (project.yaml `outputs`), started with the app.
+    outputs: list[Output] = field(default_factory=list)
+    inspections: int = 0
     semaphore: asyncio.Semaphore = field(init=False)
     code_nodes: frozenset[str] = field(init=False)
 
@@ -175,11 +180,37 @@ async def inspect(request: web.Request | None, state: ServerState, decode: Calla
             if node in state.code_nodes and "type" in error:
                 state.metrics.hook_errors.labels(node).inc()
         ctx["completeTime"] = time.perf_counter() - started
-        answer = render(Inspection(ctx, capability))
+        inspection = Inspection(ctx, capability)
+        if state.outputs:
+            messages.append(output_message(inspection, state, request_id, source))
+        answer = render(inspection)
         stages["encode"].observe(time.perf_counter() - encoding)
         return answer
 
-    return await in_worker(request, state, work)
+    messages: list[Message] = []
+    request_id = str(request.get("request_id", "")) if request is not None else ""
+    source = str(request.get("api", "http")) if request is not None else (capability or "source")
+    try:
+        return await in_worker(request, state, work)
+    finally:
+        # Also when the client left before its answer: the part was inspected, the line must hear of it.
+        for message in messages:
+            for output in state.outputs:
+                output.offer(message)
+
+
+def output_message(inspection: Inspection, state: ServerState, request_id: str, source: str) -> Message:
+    """What the outputs carry about one inspection (built in the worker; offered on the event loop)."""
+    state.inspections += 1
+    labels = [label.name for label in inspection.labels if label.predicted]
+    labels += [box.label for box in inspection.rectangles if box.label and box.label not in labels]
+    return Message(result=inspection.verdict, request_id=request_id or f"{source}-{state.inspections}",
+                   timestamp=time.time(), project=state.project.name, score=inspection.score,
+                   threshold=inspection.threshold, rectangles=len(inspection.rectangles), labels=tuple(labels),
+                   text="\n".join(line.text for line in inspection.text),
+                   data=str(inspection.context.get("data") or ""),
+                   models=tuple(dict(model) for model in inspection.models), source=source,
+                   counter=state.inspections)
 
 
 def response(answer: Answer) -> web.Response:

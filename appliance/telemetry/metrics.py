@@ -61,6 +61,11 @@ class Metrics:
         self.queue_depth = Gauge("appliance_queue_depth", "Analyze requests waiting for a worker", registry=r)
         self.rejected = Counter("appliance_rejected_requests", "Requests refused before processing", ["reason"],
                                 registry=r)
+        # outcome: sent, dropped (queue full), failed (a try that failed; the message is tried again).
+        self.output_messages = Counter("appliance_output_messages", "Messages of each output by outcome",
+                                       ["output", "outcome"], registry=r)
+        self.output_queued = Gauge("appliance_output_queue_depth", "Messages waiting in each output's queue",
+                                   ["output"], registry=r)
         self.verdicts = Counter("appliance_verdicts", "Inspection verdicts", ["result"], registry=r)
         self.hook_errors = Counter("appliance_hook_errors", "Code hook failures", ["node"], registry=r)
         self.stuck_hooks = Gauge("appliance_stuck_hook_threads", "Code hook threads that never returned (7.3)",
@@ -103,6 +108,12 @@ class Metrics:
         })
         Info("appliance_project", "The project this process serves", registry=r).info({
             "project": project, "flow_sha256": flow_sha256})
+
+    def output_message(self, output: str, outcome: str) -> None:
+        self.output_messages.labels(output, outcome).inc()
+
+    def output_queue(self, output: str, waiting: int) -> None:
+        self.output_queued.labels(output).set(waiting)
 
     def node(self, node_id: str, node_type: str, seconds: float) -> None:
         self.node_duration.labels(node_id, node_type).observe(seconds)

@@ -1,0 +1,203 @@
+"""What every output shares: its settings, the message it carries, and the delivery loop.
+
+An output never delays or fails an inspection: the serving core hands each finished inspection to `Output.offer`,
+which only puts a message on the output's bounded queue (a full queue drops the message and counts it). One task
+per output sends the queue in order; a send that fails closes the connection, waits (backoff from 0.5 s doubling
+to 30 s) and reconnects, then sends the same message again, so a PLC that was away gets the results in order
+once it is back, up to the queue's size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+log = logging.getLogger("appliance.outputs")
+
+
+class EnvValue(BaseModel):
+    """A value taken from the environment when the project loads: `{env: NAME, default: "..."}`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    env: str = Field(min_length=1)
+    default: str | None = None
+
+    def resolve(self) -> str:
+        value = os.environ.get(self.env, self.default)
+        if value is None:
+            raise ValueError(f"environment variable {self.env} is not set and has no default")
+        return value
+
+
+def resolved(value: str | EnvValue) -> str:
+    return value.resolve() if isinstance(value, EnvValue) else value
+
+
+class OutputSettings(BaseModel):
+    """Settings every output has; each kind adds its own fields and a `type: Literal["kind"]`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="for metrics and logs; default: "
+                             "the type and its position, e.g. mqtt-0")
+    queue: PositiveInt = Field(1000, le=100_000, description="messages waiting at most; more are dropped")
+    timeout_s: float = Field(5.0, gt=0, le=300, description="connecting or sending one message at most")
+
+
+@dataclass(frozen=True)
+class Message:
+    """What an output can carry about one inspection."""
+
+    result: bool
+    request_id: str
+    timestamp: float  # seconds since the epoch, when the inspection finished
+    project: str
+    score: float | None = None
+    threshold: float | None = None
+    rectangles: int = 0
+    labels: tuple[str, ...] = ()
+    text: str = ""
+    data: str = ""
+    models: tuple[dict[str, Any], ...] = ()
+    source: str = "http"  # the route's API, or the source that acquired the frame
+    counter: int = 0  # inspections since start, across all outputs (mod nothing: outputs wrap it as they need)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"result": self.result, "request_id": self.request_id, "timestamp": self.timestamp,
+                "project": self.project, "score": self.score, "threshold": self.threshold,
+                "rectangles": self.rectangles, "labels": list(self.labels), "text": self.text, "data": self.data,
+                "models": [dict(model) for model in self.models], "source": self.source, "counter": self.counter}
+
+
+class OutputMetrics(Protocol):
+    """What an output reports (the server's Metrics implements it)."""
+
+    def output_message(self, output: str, outcome: str) -> None: ...
+
+    def output_queue(self, output: str, waiting: int) -> None: ...
+
+
+SettingsT = TypeVar("SettingsT", bound=OutputSettings)
+
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+@dataclass
+class _State:
+    queue: asyncio.Queue[Message] | None = None
+    task: asyncio.Task | None = None
+    connected: bool = False
+    last_error: str | None = None
+    sent: int = 0
+    dropped: int = 0
+    failed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Output(Generic[SettingsT]):
+    """One configured output. Subclasses implement `connect`, `send` and `close`; all run on the event loop (a
+    blocking library call goes to a thread with `asyncio.to_thread`)."""
+
+    settings_model: ClassVar[type[OutputSettings]]
+
+    def __init__(self, name: str, settings: SettingsT, metrics: OutputMetrics | None = None):
+        self.name = name
+        self.settings = settings
+        self.metrics = metrics
+        self.state = _State()
+
+    # --- what a kind implements ---------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the connection (called before the first send and after a failure)."""
+
+    async def send(self, message: Message) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Close the connection, if any; never raises."""
+
+    # --- the delivery loop -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.state.queue = asyncio.Queue(self.settings.queue)
+        self.state.task = asyncio.create_task(self._deliver(), name=f"output {self.name}")
+
+    def offer(self, message: Message) -> None:
+        """From the event loop, never blocks: queue the message, or drop it when the queue is full."""
+        queue = self.state.queue
+        if queue is None:
+            return
+        try:
+            queue.put_nowait(message)
+        except asyncio.QueueFull:
+            self.state.dropped += 1
+            self._count("dropped")
+            return
+        if self.metrics is not None:
+            self.metrics.output_queue(self.name, queue.qsize())
+
+    async def stop(self, flush_s: float = 2.0) -> None:
+        """Send what is queued for up to ``flush_s``, then stop and close."""
+        queue, task = self.state.queue, self.state.task
+        if queue is not None and task is not None and not task.done():
+            deadline = time.monotonic() + flush_s
+            while not queue.empty() and time.monotonic() < deadline and self.state.connected:
+                await asyncio.sleep(0.02)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self.close()
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.output_message(self.name, outcome)
+
+    async def _deliver(self) -> None:
+        assert self.state.queue is not None
+        queue = self.state.queue
+        backoff = BACKOFF_FIRST_S
+        while True:
+            message = await queue.get()
+            while True:
+                try:
+                    if not self.state.connected:
+                        await asyncio.wait_for(self.connect(), self.settings.timeout_s)
+                        self.state.connected = True
+                        if self.state.last_error is not None:
+                            log.info("output %s: connected again", self.name)
+                    await asyncio.wait_for(self.send(message), self.settings.timeout_s)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - a peer's failure is counted and retried, never raised
+                    reason = f"{type(error).__name__}: {str(error)[:200]}"
+                    if reason != self.state.last_error:
+                        log.warning("output %s: %s; retrying in %.1f s", self.name, reason, backoff)
+                    self.state.last_error = reason
+                    self.state.failed += 1
+                    self._count("failed")
+                    self.state.connected = False
+                    await self.close()
+                    await asyncio.sleep(backoff)
+                    backoff = min(BACKOFF_MAX_S, backoff * 2)
+                    continue
+                self.state.last_error = None
+                backoff = BACKOFF_FIRST_S
+                self.state.sent += 1
+                self._count("sent")
+                if self.metrics is not None:
+                    self.metrics.output_queue(self.name, queue.qsize())
+                break
+
+    def health(self) -> dict[str, Any]:
+        return {"type": self.settings.type, "connected": self.state.connected, "sent": self.state.sent,
+                "dropped": self.state.dropped, "failed": self.state.failed, "last_error": self.state.last_error,
+                "queued": self.state.queue.qsize() if self.state.queue is not None else 0}
