@@ -29,7 +29,7 @@ from appliance.runtime.store import StoreError
 from appliance.server import core
 from appliance.server.auth import require_key
 from appliance.server.body import CLOSE, media_type, read_body, read_form
-from appliance.server.core import STATE, ServerState
+from appliance.server.core import REQUEST_API, REQUEST_ID, STATE, ServerState
 from appliance.server.dialects import DIALECTS
 from appliance.server.dialects.base import Dialect
 from appliance.server.dialects.pekat import params
@@ -94,8 +94,8 @@ async def access_log(request: web.Request, handler: Callable[[web.Request], Awai
     """Outermost: request id, metrics and one log line per request, with secrets redacted (RELIABILITY 15)."""
     state = request.app[STATE]
     request_id = request.headers.get("X-Request-Id", "")[:64] or f"{_REQUEST_PREFIX}-{next(_request_numbers):x}"
-    request["request_id"] = request_id
-    request["api"] = dialect_of(request).name
+    request[REQUEST_ID] = request_id
+    request[REQUEST_API] = dialect_of(request).name
     started = time.perf_counter()
     task = asyncio.current_task()
     assert task is not None

@@ -69,6 +69,9 @@ class ServerState:
 
 
 STATE = web.AppKey("state", ServerState)
+# Set by the access log for each request: its id (X-Request-Id) and the API of its route.
+REQUEST_ID = web.RequestKey("request_id", str)
+REQUEST_API = web.RequestKey("api", str)
 
 
 def is_loopback(peer: tuple | None) -> bool:
@@ -188,8 +191,8 @@ async def inspect(request: web.Request | None, state: ServerState, decode: Calla
         return answer
 
     messages: list[Message] = []
-    request_id = str(request.get("request_id", "")) if request is not None else ""
-    source = str(request.get("api", "http")) if request is not None else (capability or "source")
+    request_id = request.get(REQUEST_ID, "") if request is not None else ""
+    source = request.get(REQUEST_API, "http") if request is not None else (capability or "source")
     try:
         return await in_worker(request, state, work)
     finally:
