@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -13,6 +14,7 @@ from appliance.config.project import KeySource, ProjectConfig, resolve_key
 from appliance.config.source import Problem, YamlDocument, load_yaml, validation_problems
 from appliance.errors import ConfigError
 from appliance.outputs.base import OutputSettings
+from appliance.sources.base import SourceSettings
 
 PROJECT_FILE = "project.yaml"
 
@@ -32,8 +34,9 @@ class ProjectFiles:
     profile: FirmwareProfile
     # Where the project's profile is named, for the problem when its device is absent here.
     profile_problem: Problem
-    # `outputs:`, each validated by its kind (appliance/outputs/).
+    # `outputs:` and `sources:`, each validated by its kind (appliance/outputs/, appliance/sources/).
     outputs: list[OutputSettings] = field(default_factory=list)
+    sources: list[SourceSettings] = field(default_factory=list)
 
 
 def _display(path: Path) -> str:
@@ -71,8 +74,12 @@ def load_project_files(project_dir: Path) -> ProjectFiles:
             except ValueError as error:
                 problems.append(doc.problem(path, str(error)))
         problems += _api_settings_problems(doc, config)
-        outputs, output_problems = _outputs(doc, config)
-        problems += output_problems
+        from appliance.outputs import OUTPUT_TYPES
+        from appliance.sources import SOURCE_TYPES
+
+        outputs, output_problems = _kinds(doc, "outputs", config.outputs, OUTPUT_TYPES)
+        sources, source_problems = _kinds(doc, "sources", config.sources, SOURCE_TYPES)
+        problems += output_problems + source_problems
     profile = None
     if config is not None:
         profile, profile_problems = load_profile(config.firmware_profile)
@@ -93,7 +100,7 @@ def load_project_files(project_dir: Path) -> ProjectFiles:
     if problems or config is None or flow is None or profile is None:
         raise ConfigError(sorted_problems(problems))
     return ProjectFiles(project_dir, config, api_keys, flow, flow_path, capability_flows, profile,
-                        doc.problem(("firmware_profile",), ""), outputs)
+                        doc.problem(("firmware_profile",), ""), outputs, sources)
 
 
 def _load_flow(doc: YamlDocument, path: tuple[str, ...], reference: str | dict, project_path: Path
@@ -112,23 +119,24 @@ def _load_flow(doc: YamlDocument, path: tuple[str, ...], reference: str | dict, 
     return flow, flow_path, problems
 
 
-def _outputs(doc: YamlDocument, config: ProjectConfig) -> tuple[list[OutputSettings], list[Problem]]:
-    """Each `outputs:` entry checked by its kind's model, `{env: ...}` values resolved, with their places."""
-    from appliance.outputs import OUTPUT_TYPES
+def _kinds(doc: YamlDocument, key: str, items: list[dict[str, Any]], registry: dict[str, Any]
+           ) -> tuple[list[Any], list[Problem]]:
+    """Each entry of `outputs:` or `sources:` checked by its kind's model, `{env: ...}` values resolved, with
+    their places."""
     from appliance.outputs.base import EnvValue
 
-    found: list[OutputSettings] = []
+    found: list[Any] = []
     problems: list[Problem] = []
-    for index, item in enumerate(config.outputs):
-        kind = OUTPUT_TYPES.get(str(item.get("type")))
+    for index, item in enumerate(items):
+        kind = registry.get(str(item.get("type")))
         if kind is None:
-            problems.append(doc.problem(("outputs", index, "type"), f"unknown output type {item.get('type')!r}; "
-                                        f"known: {', '.join(OUTPUT_TYPES)}"))
+            problems.append(doc.problem((key, index, "type"), f"unknown {key[:-1]} type {item.get('type')!r}; "
+                                        f"known: {', '.join(registry)}"))
             continue
         try:
             settings = kind.settings_model.model_validate(item)
         except ValidationError as error:
-            problems += validation_problems(doc, error, kind.settings_model, ("outputs", index))
+            problems += validation_problems(doc, error, kind.settings_model, (key, index))
             continue
         for name in type(settings).model_fields:
             value = getattr(settings, name)
@@ -136,7 +144,7 @@ def _outputs(doc: YamlDocument, config: ProjectConfig) -> tuple[list[OutputSetti
                 try:
                     value.resolve()
                 except ValueError as error:
-                    problems.append(doc.problem(("outputs", index, name), str(error)))
+                    problems.append(doc.problem((key, index, name), str(error)))
         found.append(settings)
     return found, problems
 

@@ -101,6 +101,9 @@ class ProjectConfig(StrictModel):
     # Where each inspection's result goes besides the HTTP answer (PLC, MQTT, MES...), each checked by its kind's
     # own settings model (appliance/outputs/, docs/outputs.md).
     outputs: list[dict[str, Any]] = Field(default_factory=list)
+    # Frames the appliance acquires itself (cameras, streams, a watched folder; appliance/sources/,
+    # docs/sources.md), inspected as HTTP frames are and sent to the outputs.
+    sources: list[dict[str, Any]] = Field(default_factory=list)
     firmware_profile: str = "cpu"
     models_dir: str = Field("models", description="the project's model store, relative to the project folder")
     # OpenVINO's compiled-model cache; default: systemd's CacheDirectory, else $XDG_CACHE_HOME/appliance, else

@@ -27,6 +27,7 @@ from appliance.outputs import OUTPUT_TYPES
 from appliance.project import Project
 from appliance.runtime.store import StoreError
 from appliance.server import core
+from appliance.server.acquisition import Acquisition
 from appliance.server.auth import require_key
 from appliance.server.body import CLOSE, media_type, read_body, read_form
 from appliance.server.core import REQUEST_API, REQUEST_ID, STATE, ServerState
@@ -34,6 +35,7 @@ from appliance.server.dialects import DIALECTS
 from appliance.server.dialects.base import Dialect
 from appliance.server.dialects.pekat import params
 from appliance.server.reload import RELOADS, Reloads
+from appliance.sources import SOURCE_TYPES
 from appliance.telemetry.logs import redact_query
 from appliance.telemetry.metrics import Metrics
 from appliance.threads import started_pool
@@ -49,6 +51,7 @@ REJECTION_REASONS = {400: "bad_input", 415: "bad_input", 401: "unauthorized", 40
                      413: "too_large"}
 # How often the pointer follower reads the models' `current` pointers (RELIABILITY 12.1).
 DEFAULT_POINTER_POLL_S = 2.0
+ACQUISITION = web.AppKey("acquisition", Acquisition)
 # route resource -> the dialect that owns it (every route of the app is in it).
 ROUTE_OWNERS = web.AppKey("route_owners", dict)
 
@@ -216,6 +219,8 @@ async def health(request: web.Request) -> web.Response:
         answer["restart_needed"] = reloads.restart_needed
     if state.outputs:
         answer["outputs"] = {output.name: output.health() for output in state.outputs}
+    if request.app[ACQUISITION].sources:
+        answer["sources"] = {source.name: source.health() for source in request.app[ACQUISITION].sources}
     return web.json_response(answer)
 
 
@@ -357,14 +362,23 @@ def create_app(project: Project, *, stop_key: str | None = None, workers: int | 
         state.outputs.append(OUTPUT_TYPES[settings.type](settings.name or f"{settings.type}-{index}", settings,
                                                          metrics))
 
+    sources = [SOURCE_TYPES[settings.type](settings.name or f"{settings.type}-{index}", settings, metrics,
+                                           project.files.directory)
+               for index, settings in enumerate(project.files.sources)]
+    acquisition = Acquisition(state, sources)
+    app[ACQUISITION] = acquisition
+
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
         for output in state.outputs:
             output.start()
+        starting = asyncio.create_task(acquisition.run())
         for dialect in state.dialects.values():
             await dialect.start()
         follower = asyncio.create_task(_follow_model_pointers(app))
         yield
         follower.cancel()
+        starting.cancel()
+        await acquisition.stop()
         for dialect in state.dialects.values():
             await dialect.stop()
         await asyncio.gather(*(output.stop() for output in state.outputs))

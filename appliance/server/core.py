@@ -157,7 +157,7 @@ async def in_worker(request: web.Request | None, state: ServerState, work: Calla
 async def inspect(request: web.Request | None, state: ServerState, decode: Callable[[], frames.Frame],
                   render: Callable[[Inspection], Answer], *, data: str = "", options: dict[str, Any] | None = None,
                   capability: str | None = None, started: float | None = None,
-                  received: float | None = None) -> Answer:
+                  received: float | None = None, source: str | None = None) -> Answer:
     """Decode a frame, run the project's flow (or a capability's flow) on it and render the answer, all in a
     worker thread. ``options``: the validated node overrides and ``lang`` (see nodes/base.py `requested`);
     ``started``/``received``: when the request arrived and its body was read, for the stage metrics."""
@@ -185,14 +185,14 @@ async def inspect(request: web.Request | None, state: ServerState, decode: Calla
         ctx["completeTime"] = time.perf_counter() - started
         inspection = Inspection(ctx, capability)
         if state.outputs:
-            messages.append(output_message(inspection, state, request_id, source))
+            messages.append(output_message(inspection, state, request_id, origin))
         answer = render(inspection)
         stages["encode"].observe(time.perf_counter() - encoding)
         return answer
 
     messages: list[Message] = []
     request_id = request.get(REQUEST_ID, "") if request is not None else ""
-    source = request.get(REQUEST_API, "http") if request is not None else (capability or "source")
+    origin = source or (request.get(REQUEST_API, "http") if request is not None else (capability or "api"))
     try:
         return await in_worker(request, state, work)
     finally:

@@ -66,6 +66,9 @@ class Metrics:
                                        ["output", "outcome"], registry=r)
         self.output_queued = Gauge("appliance_output_queue_depth", "Messages waiting in each output's queue",
                                    ["output"], registry=r)
+        # outcome: acquired, inspected, dropped (busy), failed (the source failed and is opened again).
+        self.source_frames = Counter("appliance_source_frames", "Frames of each source by outcome",
+                                     ["source", "outcome"], registry=r)
         self.verdicts = Counter("appliance_verdicts", "Inspection verdicts", ["result"], registry=r)
         self.hook_errors = Counter("appliance_hook_errors", "Code hook failures", ["node"], registry=r)
         self.stuck_hooks = Gauge("appliance_stuck_hook_threads", "Code hook threads that never returned (7.3)",
@@ -108,6 +111,9 @@ class Metrics:
         })
         Info("appliance_project", "The project this process serves", registry=r).info({
             "project": project, "flow_sha256": flow_sha256})
+
+    def source_frame(self, source: str, outcome: str) -> None:
+        self.source_frames.labels(source, outcome).inc()
 
     def output_message(self, output: str, outcome: str) -> None:
         self.output_messages.labels(output, outcome).inc()

@@ -1,0 +1,153 @@
+"""What every frame source shares: its settings and the acquisition loop that feeds the flow.
+
+A source reads frames in a thread of its own (cameras and files block) and hands each to the event loop, which
+inspects it through the same queue and workers as an HTTP request (`core.inspect`) and offers the result to the
+outputs. A frame that arrives while `in_flight` of this source's frames are still being inspected is dropped and
+counted: the line's rate is the camera's, never a queue that grows. A source that fails (a camera unplugged, a
+stream gone) is opened again after a backoff, and reported on /health and in the metrics meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+log = logging.getLogger("appliance.sources")
+
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+class SourceSettings(BaseModel):
+    """Settings every source has; each kind adds its own fields and a `type: Literal["kind"]`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="for metrics, logs and the frames' "
+                             "`source`; default: the type and its position, e.g. folder-0")
+    in_flight: PositiveInt = Field(2, le=64, description="frames of this source inspected at once; a frame "
+                                   "arriving when they are all busy is dropped")
+    capability: str | None = Field(None, description="inspect with this capability's flow instead of the "
+                                   "project's flow")
+
+
+@dataclass
+class Acquired:
+    """One frame from a source: BGR or gray pixels, the source's own id and time for it."""
+
+    image: np.ndarray
+    frame_id: str
+    timestamp: float  # seconds since the epoch, as the source stamped the frame (else when it was read)
+    path: str | None = None  # a file the frame came from (folder sources move it after inspection)
+
+
+class SourceMetrics(Protocol):
+    def source_frame(self, source: str, outcome: str) -> None: ...
+
+
+SettingsT = TypeVar("SettingsT", bound=SourceSettings)
+
+
+class Source(Generic[SettingsT]):
+    """A configured source. Kinds implement `open`, `frames` (a blocking iterator, run in the source's thread)
+    and `close`; `done` is called on the event loop after each frame's inspection."""
+
+    settings_model: ClassVar[type[SourceSettings]]
+
+    def __init__(self, name: str, settings: SettingsT, metrics: SourceMetrics | None = None,
+                 project_dir: Path | None = None):
+        self.name = name
+        self.settings = settings
+        self.metrics = metrics
+        # Relative paths in the settings (a folder, a video file) are relative to the project folder.
+        self.project_dir = project_dir or Path(".")
+        self.acquired = self.dropped = self.failed = 0
+        self.connected = False
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- what a kind implements ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open the camera, stream or folder (in the source's thread); raise when it is not there."""
+
+    def frames(self) -> Iterator[Acquired]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the camera (in the source's thread); never raises."""
+
+    def done(self, frame: Acquired, result: bool | None) -> None:
+        """After the frame's inspection (None when it failed), on the event loop; e.g. move the file."""
+
+    # --- the acquisition loop -----------------------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def start(self, loop: asyncio.AbstractEventLoop, deliver: Any) -> None:
+        """Read frames in a thread; ``deliver(source, frame)`` is called on ``loop`` for each."""
+        self._thread = threading.Thread(target=self._read, args=(loop, deliver), name=f"source {self.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.source_frame(self.name, outcome)
+
+    def _read(self, loop: asyncio.AbstractEventLoop, deliver: Any) -> None:
+        backoff = BACKOFF_FIRST_S
+        while not self._stop.is_set():
+            try:
+                self.open()
+                self.connected = True
+                if self.last_error is not None:
+                    log.info("source %s: open again", self.name)
+                self.last_error = None
+                backoff = BACKOFF_FIRST_S
+                for frame in self.frames():
+                    if self._stop.is_set():
+                        break
+                    self.acquired += 1
+                    loop.call_soon_threadsafe(deliver, self, frame)
+                else:
+                    if not self._stop.is_set():
+                        raise EOFError("no more frames")
+            except Exception as error:  # noqa: BLE001 - a camera's failure is retried and reported, never raised
+                reason = f"{type(error).__name__}: {str(error)[:200]}"
+                if reason != self.last_error:
+                    log.warning("source %s: %s; opening it again in %.1f s", self.name, reason, backoff)
+                self.last_error = reason
+                self.failed += 1
+                loop.call_soon_threadsafe(self.count, "failed")
+            finally:
+                self.connected = False
+                self.close()
+            if self._stop.wait(backoff):
+                break
+            backoff = min(BACKOFF_MAX_S, backoff * 2)
+
+    def health(self) -> dict[str, Any]:
+        return {"type": self.settings.type, "connected": self.connected, "acquired": self.acquired,
+                "dropped": self.dropped, "failed": self.failed, "last_error": self.last_error}
+
+
+def now() -> float:
+    return time.time()
