@@ -51,15 +51,16 @@ soak: models
 	$(BIN)/python -m pytest -m soak -q -s tests/soak
 
 # System tools some tests use: systemd-analyze (the unit), Prometheus with promtool (the dashboard), curl (the
-# vendor documents' curl lines), Chromium with Debian's jQuery (imagerecognize's HTML example in a browser).
+# vendor documents' curl lines), Chromium with Debian's jQuery (imagerecognize's HTML example in a browser),
+# mosquitto (the MQTT output's broker).
 # Without them those tests skip; CI installs them and sets APPLIANCE_REQUIRE_TOOLS=1 so that they fail instead.
 test-tools:
 	@command -v systemd-analyze >/dev/null && command -v promtool >/dev/null && command -v prometheus >/dev/null \
-	  && command -v curl >/dev/null && command -v chromium >/dev/null \
+	  && command -v curl >/dev/null && command -v chromium >/dev/null && command -v mosquitto >/dev/null \
 	  && [ -f /usr/share/javascript/jquery/jquery.min.js ] \
 	  || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); $$SUDO apt-get update -qq \
 	       && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends systemd \
-	          prometheus curl chromium libjs-jquery; }
+	          prometheus curl chromium libjs-jquery mosquitto; }
 
 lint: install
 	$(BIN)/ruff check appliance tests bench examples

@@ -158,3 +158,14 @@ def spots_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def http() -> Iterator[requests.Session]:
     with requests.Session() as session:
         yield session
+
+
+def wait_until_sent(server: Server, output: str, count: int, seconds: float = 10) -> dict:
+    """The output's /health entry once it has counted ``count`` messages sent. A peer sees a message before the
+    appliance has its acknowledgement (PUBACK, the HTTP answer, the write's reply) and counts it: wait for that."""
+    deadline = time.monotonic() + seconds
+    while True:
+        health = requests.get(f"{server.url}/health", timeout=10).json()["outputs"][output]
+        if health["sent"] >= count or time.monotonic() > deadline:
+            return health
+        time.sleep(0.02)

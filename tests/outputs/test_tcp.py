@@ -15,7 +15,7 @@ import requests
 
 from appliance.errors import ConfigError
 from appliance.project import Project
-from tests.conftest import free_port, start_server, write_project
+from tests.conftest import free_port, start_server, wait_until_sent, write_project
 
 # NG when the caller's data says so: the verdict of each frame is chosen by the test.
 VERDICT = "def main(context):\n    context['result'] = context['data'] != 'ng'\n"
@@ -83,7 +83,7 @@ def test_each_inspection_is_one_templated_line_in_order(tmp_path, peer):
             assert analyse(server.url, verdict, f"part-{index}").status_code == 200
         assert peer.wait_for(5) == ["OK;1;part-0;1", "NG;0;part-1;2", "OK;1;part-2;3", "NG;0;part-3;4",
                                     "NG;0;part-4;5"]
-        health = requests.get(f"{server.url}/health", timeout=10).json()["outputs"]["tcp-0"]
+        health = wait_until_sent(server, "tcp-0", 5)
         assert (health["connected"], health["sent"], health["dropped"]) == (True, 5, 0)
     finally:
         server.stop()
@@ -108,6 +108,7 @@ def test_a_dead_peer_never_delays_the_answer_and_gets_the_backlog_in_order(tmp_p
         assert peer.wait_for(20, seconds=40) == [f"early-{index}" for index in range(20)]
         assert analyse(server.url, "ng", "late").status_code == 200
         assert peer.wait_for(21)[-1] == "late"
+        wait_until_sent(server, "plc", 21)
         metrics = requests.get(f"{server.url}/metrics", timeout=10).text
         assert 'appliance_output_messages_total{outcome="sent",output="plc"} 21.0' in metrics
     finally:

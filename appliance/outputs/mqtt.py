@@ -1,0 +1,152 @@
+"""mqtt: one message per inspection published to an MQTT broker (aiomqtt, on the event loop; no thread)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+import aiomqtt
+from pydantic import Field, field_validator, model_validator
+
+from appliance.outputs.base import EnvValue, Message, Output, OutputSettings, resolved
+from appliance.outputs.template import FIELDS, check_template, render
+
+SCHEMES = {"mqtt": 1883, "mqtts": 8883}
+
+
+def broker_address(url: str) -> tuple[str, int, bool]:
+    """`mqtt://host:port` (or `mqtts://` for TLS) -> host, port, tls; ValueError on anything else."""
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES or not parts.hostname:
+        raise ValueError(f"broker url {url!r}: write mqtt://host:port (or mqtts://host:port for TLS)")
+    if parts.path not in ("", "/") or parts.query or parts.username or parts.password:
+        raise ValueError(f"broker url {url!r}: only mqtt://host:port; the user and password are settings of their own")
+    try:
+        port = parts.port or SCHEMES[parts.scheme]
+    except ValueError as error:
+        raise ValueError(f"broker url {url!r}: {error}") from None
+    return parts.hostname, port, parts.scheme == "mqtts"
+
+
+class MqttSettings(OutputSettings):
+    type: Literal["mqtt"]
+    url: str | EnvValue = Field(description="the broker, mqtt://host:port (mqtts:// for TLS)")
+    topic: str = Field("appliance/$project/result", description="where to publish; may hold placeholders such as "
+                       "$project or $verdict")
+    template: str | None = Field(None, description="the payload as text; default: the message as JSON")
+    fields: tuple[str, ...] | None = Field(None, description="with the JSON payload: only these fields")
+    qos: Literal[0, 1, 2] = 1
+    retain: bool = False
+    client_id: str | None = Field(None, max_length=128, description="default: one chosen by the client library")
+    username: str | EnvValue | None = None
+    password: EnvValue | None = Field(None, description="from the environment only: {env: NAME}")
+    password_file: str | None = Field(None, description="an absolute path whose content is the password")
+    keepalive_s: int = Field(60, ge=5, le=3600)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | EnvValue) -> str | EnvValue:
+        if isinstance(value, str):
+            broker_address(value)
+        return value
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        if not value or "+" in value or "#" in value or "\0" in value:
+            raise ValueError("a topic to publish to is not empty and has no wildcard (+ or #)")
+        return check_template(value)
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        return None if value is None else check_template(value)
+
+    @field_validator("fields")
+    @classmethod
+    def _fields(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        unknown = [name for name in value or () if name not in FIELDS]
+        if unknown:
+            raise ValueError(f"unknown field {unknown[0]!r}; known: {', '.join(FIELDS)}")
+        return value
+
+    @field_validator("password_file")
+    @classmethod
+    def _password_file(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_absolute():
+            raise ValueError("password_file: write an absolute path")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MqttSettings:
+        if self.template is not None and self.fields is not None:
+            raise ValueError("template and fields: choose one (fields select what the JSON payload carries)")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("password and password_file: choose one")
+        if isinstance(self.url, EnvValue):
+            try:
+                url = self.url.resolve()
+            except ValueError:
+                return self  # the loader reports the missing variable with its place
+            broker_address(url)
+        return self
+
+
+class MqttOutput(Output[MqttSettings]):
+    settings_model = MqttSettings
+    client: aiomqtt.Client | None = None
+
+    def payload(self, message: Message) -> str:
+        if self.settings.template is not None:
+            return render(self.settings.template, message)
+        values = message.as_dict()
+        if self.settings.fields is not None:
+            values = {name: values[name] for name in self.settings.fields}
+        return json.dumps(values, separators=(",", ":"))
+
+    def _password(self) -> str | None:
+        if self.settings.password is not None:
+            return self.settings.password.resolve()
+        if self.settings.password_file is not None:
+            return Path(self.settings.password_file).read_text().rstrip("\r\n")
+        return None
+
+    async def connect(self) -> None:
+        host, port, tls = broker_address(resolved(self.settings.url))
+        username = resolved(self.settings.username) if self.settings.username is not None else None
+        client = aiomqtt.Client(host, port, username=username, password=self._password(),
+                                identifier=self.settings.client_id, keepalive=self.settings.keepalive_s,
+                                timeout=self.settings.timeout_s,
+                                tls_context=ssl.create_default_context() if tls else None)
+        await client.__aenter__()
+        self.client = client
+
+    async def send(self, message: Message) -> None:
+        assert self.client is not None
+        publish = asyncio.ensure_future(self.client.publish(
+            render(self.settings.topic, message), self.payload(message), qos=self.settings.qos,
+            retain=self.settings.retain))
+        # aiomqtt leaves a QoS 1/2 publish waiting for its acknowledgement when the broker goes away: fail at once
+        # on the disconnection instead of waiting for the timeout.
+        disconnected: asyncio.Future[None] | None = getattr(self.client, "_disconnected", None)
+        if disconnected is None:
+            await publish
+            return
+        await asyncio.wait((publish, disconnected), return_when=asyncio.FIRST_COMPLETED)
+        if not publish.done():
+            publish.cancel()
+            await asyncio.gather(publish, return_exceptions=True)
+            raise ConnectionError("the broker closed the connection")
+        publish.result()
+
+    async def close(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            try:
+                await asyncio.wait_for(client.__aexit__(None, None, None), 1.0)
+            except Exception:  # noqa: BLE001 - closing a broken connection may fail
+                pass
