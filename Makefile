@@ -73,6 +73,7 @@ bench: demo
 	$(BIN)/python bench/model_path.py --project projects/classify-objects --skimage coffee,chelsea,astronaut
 	$(BIN)/python bench/faces_path.py
 	$(BIN)/python bench/dialects.py
+	$(BIN)/python bench/outputs.py
 	$(BIN)/python bench/ocr_accuracy.py --labels 4 --speed
 	$(BIN)/python bench/startup.py
 
