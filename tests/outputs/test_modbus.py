@@ -13,8 +13,6 @@ import threading
 import time
 from collections.abc import Iterator
 
-import cv2
-import numpy as np
 import pytest
 import requests
 from pymodbus.client import ModbusTcpClient
@@ -24,12 +22,9 @@ from appliance.outputs.base import Message
 from appliance.outputs.modbus import ModbusOutput, ModbusSettings
 from appliance.project import Project
 from tests.conftest import free_port, start_server, wait_until_sent, write_project
+from tests.outputs import FLOW, SCORED_VERDICT, analyse
 
 # The verdict and the score of each frame are chosen by the test (data "ng" or "ok", score from the request id).
-VERDICT = ("def main(context):\n    context['result'] = context['data'] != 'ng'\n"
-           "    context['score'] = 0.125 if context['data'] == 'ng' else 0.5\n")
-FLOW = {"nodes": {"verdict": {"type": "code@1", "module": "verdict"}}}
-FRAME = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
 FC_COIL, FC_COILS, FC_REGISTERS = 5, 15, 16
 
 SERVER = textwrap.dedent("""
@@ -107,17 +102,12 @@ def plc() -> Iterator[Plc]:
     started.stop()
 
 
-def analyse(url: str, verdict: str, request_id: str) -> requests.Response:
-    return requests.post(f"{url}/analyze_image?data={verdict}", data=FRAME, headers={"X-Request-Id": request_id},
-                         timeout=30)
-
-
 def modbus(port: int, **settings) -> dict:
     return {"type": "modbus", "url": f"tcp://127.0.0.1:{port}", "unit": 1, **settings}
 
 
 def test_ok_and_ng_frames_set_the_result_coils_the_registers_and_flip_the_toggle_in_order(tmp_path, plc):
-    project = write_project(tmp_path / "p", FLOW, hooks={"verdict": VERDICT}, outputs=[modbus(
+    project = write_project(tmp_path / "p", FLOW, hooks={"verdict": SCORED_VERDICT}, outputs=[modbus(
         plc.port, coils={"ok": 0, "ng": 1, "toggle": 2}, registers={"counter": 0, "score_x1000": 1, "rectangles": 2})])
     server = start_server(project)
     try:
@@ -191,7 +181,7 @@ def test_the_pulse_is_set_for_its_length_then_reset_and_the_result_held_meanwhil
 
 def test_a_dead_plc_never_delays_the_answer_and_gets_the_backlog_in_order(tmp_path):
     port = free_port()
-    project = write_project(tmp_path / "p", FLOW, hooks={"verdict": VERDICT}, outputs=[modbus(
+    project = write_project(tmp_path / "p", FLOW, hooks={"verdict": SCORED_VERDICT}, outputs=[modbus(
         port, name="plc", coils={"ok": 0, "ng": 1, "toggle": 2}, registers={"counter": 0})])
     server = start_server(project)
     plc = Plc(port)
@@ -220,7 +210,7 @@ def test_a_dead_plc_never_delays_the_answer_and_gets_the_backlog_in_order(tmp_pa
 
 
 def test_check_locates_a_bad_url_an_address_used_twice_and_a_pulse_longer_than_the_timeout(tmp_path):
-    project = write_project(tmp_path / "p", FLOW, hooks={"verdict": VERDICT}, outputs=[
+    project = write_project(tmp_path / "p", FLOW, hooks={"verdict": SCORED_VERDICT}, outputs=[
         {"type": "modbus", "url": "http://plc:502", "coils": {"ok": 0}},
         {"type": "modbus", "url": "tcp://plc:502", "coils": {"ok": 0, "ng": 1}, "pulse": {"coil": 1}},
         {"type": "modbus", "url": "tcp://plc:502", "registers": {"counter": 70000}},

@@ -6,26 +6,17 @@ from __future__ import annotations
 
 import time
 
-import cv2
-import numpy as np
 import pytest
 import requests
 
 from appliance.errors import ConfigError
 from appliance.project import Project
 from tests.conftest import needs_tool, start_server, wait_until_sent, write_project
+from tests.outputs import FLOW, VERDICT, analyse
 from tests.outputs.mqtt_peer import Broker, Subscriber
 
 pytestmark = needs_tool("mosquitto", "mosquitto_passwd")
 
-VERDICT = "def main(context):\n    context['result'] = context['data'] != 'ng'\n"
-FLOW = {"nodes": {"verdict": {"type": "code@1", "module": "verdict"}}}
-FRAME = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
-
-
-def analyse(url: str, verdict: str, request_id: str) -> requests.Response:
-    return requests.post(f"{url}/analyze_image?data={verdict}", data=FRAME, headers={"X-Request-Id": request_id},
-                         timeout=30)
 
 
 @pytest.fixture

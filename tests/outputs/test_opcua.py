@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pytest
 import requests
@@ -26,15 +25,13 @@ from appliance.outputs.base import Message
 from appliance.outputs.opcua import convert
 from appliance.project import Project
 from tests.conftest import free_port, start_server, wait_until_sent, write_project
+from tests.outputs import FLOW, VERDICT, analyse
 
 asyncua = pytest.importorskip("asyncua")
 from asyncua import Server, ua  # noqa: E402
 from asyncua.common.callback import CallbackType  # noqa: E402
 from asyncua.crypto.permission_rules import User, UserRole  # noqa: E402
 
-VERDICT = "def main(context):\n    context['result'] = context['data'] != 'ng'\n"
-FLOW = {"nodes": {"verdict": {"type": "code@1", "module": "verdict"}}}
-FRAME = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
 NAMESPACE = "urn:appliance:test"
 # Line1's variables: (name, type, initial value).
 VARIABLES = [("Result", ua.VariantType.Boolean, False), ("Reject", ua.VariantType.Boolean, False),
@@ -138,11 +135,6 @@ def plc() -> Iterator[PlcServer]:
     started = PlcServer(free_port()).start()
     yield started
     started.stop()
-
-
-def analyse(url: str, verdict: str, request_id: str, session: Any = requests) -> requests.Response:
-    return session.post(f"{url}/analyze_image?data={verdict}", data=FRAME, headers={"X-Request-Id": request_id},
-                        timeout=30)
 
 
 def test_values_are_written_with_the_nodes_types_after_ok_and_ng_frames(tmp_path, plc):

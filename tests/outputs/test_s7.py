@@ -8,8 +8,6 @@ import threading
 import time
 from collections.abc import Iterator
 
-import cv2
-import numpy as np
 import pytest
 import requests
 import snap7
@@ -18,11 +16,8 @@ from snap7.type import SrvArea
 from appliance.errors import ConfigError
 from appliance.project import Project
 from tests.conftest import free_port, start_server, wait_until_sent, write_project
+from tests.outputs import FLOW, SCORED_VERDICT, analyse
 
-VERDICT = ("def main(context):\n    context['result'] = context['data'] != 'ng'\n"
-           "    context['score'] = 0.125 if context['data'] == 'ng' else 0.5\n")
-FLOW = {"nodes": {"verdict": {"type": "code@1", "module": "verdict"}}}
-FRAME = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
 WRITE = 0x00040000  # snap7's "data write" server event
 LAYOUT = {"db": 7, "ok": {"byte": 0, "bit": 0}, "ng": {"byte": 0, "bit": 1}, "toggle": {"byte": 0, "bit": 2},
           "counter": {"byte": 2, "type": "INT"}, "score": {"byte": 4}}
@@ -71,11 +66,6 @@ def plc() -> Iterator[Plc]:
     started.stop()
 
 
-def analyse(url: str, verdict: str, request_id: str) -> requests.Response:
-    return requests.post(f"{url}/analyze_image?data={verdict}", data=FRAME, headers={"X-Request-Id": request_id},
-                         timeout=30)
-
-
 def decoded(db: bytes) -> tuple[int, int, float]:
     """(bits byte 0, counter INT at 2, score REAL at 4)."""
     return db[0], struct.unpack(">h", db[2:4])[0], struct.unpack(">f", db[4:8])[0]
@@ -88,7 +78,7 @@ def bits_written(after_writes: list[bytes]) -> list[tuple[int, int, float]]:
 
 
 def test_ok_and_ng_frames_write_the_bits_counter_and_score_in_order(tmp_path, plc):
-    project = write_project(tmp_path / "p", FLOW, hooks={"verdict": VERDICT}, outputs=[
+    project = write_project(tmp_path / "p", FLOW, hooks={"verdict": SCORED_VERDICT}, outputs=[
         {"type": "s7", "host": "127.0.0.1", "port": plc.port, **LAYOUT}])
     server = start_server(project)
     try:
@@ -111,7 +101,7 @@ def test_ok_and_ng_frames_write_the_bits_counter_and_score_in_order(tmp_path, pl
 
 def test_a_dead_plc_never_delays_the_answer_and_gets_the_backlog_in_order(tmp_path):
     port = free_port()
-    project = write_project(tmp_path / "p", FLOW, hooks={"verdict": VERDICT}, outputs=[
+    project = write_project(tmp_path / "p", FLOW, hooks={"verdict": SCORED_VERDICT}, outputs=[
         {"type": "s7", "name": "plc", "host": "127.0.0.1", "port": port, **LAYOUT}])
     server = start_server(project)
     plc = Plc(port)
@@ -140,7 +130,7 @@ def test_a_dead_plc_never_delays_the_answer_and_gets_the_backlog_in_order(tmp_pa
 
 
 def test_check_locates_a_bit_used_twice_overlapping_values_and_a_bad_bit(tmp_path):
-    project = write_project(tmp_path / "p", FLOW, hooks={"verdict": VERDICT}, outputs=[
+    project = write_project(tmp_path / "p", FLOW, hooks={"verdict": SCORED_VERDICT}, outputs=[
         {"type": "s7", "host": "plc", "db": 1, "ok": {"byte": 0, "bit": 0}, "ng": {"byte": 0, "bit": 0}},
         {"type": "s7", "host": "plc", "db": 1, "counter": {"byte": 2, "type": "DINT"}, "score": {"byte": 4}},
         {"type": "s7", "host": "plc", "db": 1, "ok": {"byte": 0, "bit": 8}},

@@ -8,19 +8,15 @@ import threading
 import time
 from collections.abc import Iterator
 
-import cv2
-import numpy as np
 import pytest
 import requests
 
 from appliance.errors import ConfigError
 from appliance.project import Project
 from tests.conftest import free_port, start_server, wait_until_sent, write_project
+from tests.outputs import FLOW, VERDICT, analyse
 
 # NG when the caller's data says so: the verdict of each frame is chosen by the test.
-VERDICT = "def main(context):\n    context['result'] = context['data'] != 'ng'\n"
-FLOW = {"nodes": {"verdict": {"type": "code@1", "module": "verdict"}}}
-FRAME = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
 
 
 class Peer:
@@ -67,11 +63,6 @@ def peer() -> Iterator[Peer]:
     started.start()
     yield started
     started.stop()
-
-
-def analyse(url: str, verdict: str, request_id: str) -> requests.Response:
-    return requests.post(f"{url}/analyze_image?data={verdict}", data=FRAME, headers={"X-Request-Id": request_id},
-                         timeout=30)
 
 
 def test_each_inspection_is_one_templated_line_in_order(tmp_path, peer):

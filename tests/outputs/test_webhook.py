@@ -8,8 +8,6 @@ import threading
 import time
 from collections.abc import Iterator
 
-import cv2
-import numpy as np
 import pytest
 import requests
 from aiohttp import web
@@ -17,10 +15,7 @@ from aiohttp import web
 from appliance.errors import ConfigError
 from appliance.project import Project
 from tests.conftest import free_port, start_server, wait_until_sent, write_project
-
-VERDICT = "def main(context):\n    context['result'] = context['data'] != 'ng'\n"
-FLOW = {"nodes": {"verdict": {"type": "code@1", "module": "verdict"}}}
-FRAME = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+from tests.outputs import FLOW, VERDICT, analyse
 
 
 class Mes:
@@ -74,11 +69,6 @@ def mes() -> Iterator[Mes]:
     server = Mes().start()
     yield server
     server.stop()
-
-
-def analyse(url: str, verdict: str, request_id: str) -> requests.Response:
-    return requests.post(f"{url}/analyze_image?data={verdict}", data=FRAME, headers={"X-Request-Id": request_id},
-                         timeout=30)
 
 
 def test_json_posts_in_order_with_headers_from_the_environment(tmp_path, mes):
