@@ -195,7 +195,8 @@ def test_a_dead_plc_never_delays_the_answer_and_gets_the_backlog_in_order(tmp_pa
         health = requests.get(f"{server.url}/health", timeout=10).json()["outputs"]["plc"]
         assert health["connected"] is False and health["failed"] >= 1 and health["dropped"] == 0
         plc.start()  # the PLC comes back: the output reconnects (backoff at most 30 s; here within seconds)
-        writes = plc.wait_for(lambda writes: sum(w["fc"] == FC_REGISTERS for w in writes) >= 20, seconds=40)
+        # Each message writes its registers, then its coils: the 20th coil write ends the backlog.
+        writes = plc.wait_for(lambda writes: sum(w["fc"] == FC_COILS for w in writes) >= 20, seconds=40)
         counters = [w["values"][0] for w in writes if w["fc"] == FC_REGISTERS]
         results = [w["values"][:2] for w in writes if w["fc"] == FC_COILS]
         assert counters == list(range(1, 21))
