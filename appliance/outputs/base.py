@@ -13,10 +13,12 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from pathlib import Path
+from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 log = logging.getLogger("appliance.outputs")
 
@@ -52,6 +54,35 @@ class OutputSettings(BaseModel):
     timeout_s: float = Field(5.0, gt=0, le=300, description="connecting or sending one message at most")
 
 
+class LoginSettings(BaseModel):
+    """A user name and its password for outputs that log in; the password never stands in project.yaml itself."""
+
+    username: str | EnvValue | None = None
+    password: EnvValue | None = Field(None, description="from the environment only: {env: NAME}; or password_file")
+    password_file: str | None = Field(None, description="an absolute path whose content is the password (e.g. a "
+                                      "systemd credential)")
+
+    @model_validator(mode="after")
+    def _one_password(self) -> Self:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("password and password_file: choose one")
+        if (self.password is not None or self.password_file is not None) and self.username is None:
+            raise ValueError("a password needs a username")
+        if self.password_file is not None and not Path(self.password_file).is_absolute():
+            raise ValueError("password_file: write an absolute path")
+        return self
+
+    def login(self) -> tuple[str | None, str | None]:
+        """(username, password) read now: a password file may be rotated while the appliance runs."""
+        if self.username is None:
+            return None, None
+        if self.password is not None:
+            return resolved(self.username), self.password.resolve()
+        if self.password_file is not None:
+            return resolved(self.username), Path(self.password_file).read_text().rstrip("\r\n")
+        return resolved(self.username), None
+
+
 @dataclass(frozen=True)
 class Message:
     """What an output can carry about one inspection."""
@@ -75,6 +106,46 @@ class Message:
                 "project": self.project, "score": self.score, "threshold": self.threshold,
                 "rectangles": self.rectangles, "labels": list(self.labels), "text": self.text, "data": self.data,
                 "models": [dict(model) for model in self.models], "source": self.source, "counter": self.counter}
+
+
+class Pulse:
+    """A "new result" bit a PLC latches: set with each result, reset `ms` later, then kept reset as long before it is
+    set again, so a PLC scanning slower than the line still sees every edge. `reset` writes the bit low."""
+
+    def __init__(self, ms: int, reset: Callable[[], Awaitable[None]]):
+        self.seconds = ms / 1000
+        self.write_low = reset
+        self.task: asyncio.Task[None] | None = None
+        self.low_until = 0.0  # monotonic time before which the bit stays reset
+
+    async def reset(self) -> None:
+        """Write the bit low now (also on connect: a pulse left set by a connection lost mid-pulse)."""
+        await self.write_low()
+        self.low_until = time.monotonic() + self.seconds
+
+    async def ready(self) -> None:
+        """Before a new result: the previous pulse reset, then kept reset as long."""
+        task, self.task = self.task, None
+        if task is not None:
+            await task
+        await asyncio.sleep(max(0.0, self.low_until - time.monotonic()))
+
+    def set(self) -> None:
+        """The bit was just written high with a result: reset it `ms` from now."""
+        self.task = asyncio.create_task(self._reset_at(time.monotonic() + self.seconds))
+
+    async def _reset_at(self, when: float) -> None:
+        await asyncio.sleep(max(0.0, when - time.monotonic()))
+        await self.reset()
+
+    async def settle(self) -> None:
+        """On close: let a pulse end (or fail fast on a lost connection) rather than stay set; never raises."""
+        task, self.task = self.task, None
+        if task is not None:
+            try:
+                await asyncio.wait_for(task, self.seconds + 1)
+            except Exception:  # noqa: BLE001 - closing never raises
+                pass
 
 
 class OutputMetrics(Protocol):

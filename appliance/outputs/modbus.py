@@ -9,14 +9,12 @@ Contiguous addresses go in one request (FC16 for registers, FC15 for coils), so 
 
 from __future__ import annotations
 
-import asyncio
 import re
-import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from appliance.outputs.base import EnvValue, Message, Output, OutputSettings, resolved
+from appliance.outputs.base import EnvValue, Message, Output, OutputSettings, Pulse, resolved
 
 URL = re.compile(r"^tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[^:/\s\[\]]+):(?P<port>[0-9]{1,5})$")
 
@@ -118,8 +116,8 @@ class ModbusOutput(Output[ModbusSettings]):
         super().__init__(*args, **kwargs)
         self.client: Any = None  # pymodbus.client.AsyncModbusTcpClient once connected
         self.toggle = False  # the toggle coil's value at the PLC
-        self.pulse_task: asyncio.Task[None] | None = None
-        self.pulse_low_until = 0.0  # monotonic time before which the pulse coil stays reset
+        pulse = self.settings.pulse
+        self.pulse = None if pulse is None else Pulse(pulse.ms, lambda: self._write_coils({pulse.coil: False}))
 
     async def connect(self) -> None:
         from pymodbus.client import AsyncModbusTcpClient
@@ -135,15 +133,13 @@ class ModbusOutput(Output[ModbusSettings]):
             answer = await client.read_coils(self.settings.coils.toggle, count=1, device_id=self.settings.unit)
             self._check(answer, f"reading the toggle coil {self.settings.coils.toggle}")
             self.toggle = bool(answer.bits[0])
-        if self.settings.pulse is not None:  # a pulse left set by a connection lost mid-pulse
-            await self._write_coils({self.settings.pulse.coil: False})
-            self.pulse_low_until = time.monotonic() + self.settings.pulse.ms / 1000
+        if self.pulse is not None:
+            await self.pulse.reset()
 
     async def send(self, message: Message) -> None:
         settings = self.settings
-        if self.pulse_task is not None:  # the previous result's pulse: reset, then kept reset as long
-            task, self.pulse_task = self.pulse_task, None
-            await task
+        if self.pulse is not None:
+            await self.pulse.ready()
         registers = register_values(settings.registers, message)
         for first, values in runs(registers):
             answer = await self.client.write_registers(first, values, device_id=settings.unit)
@@ -157,7 +153,6 @@ class ModbusOutput(Output[ModbusSettings]):
         if settings.coils.toggle is not None:
             handshake[settings.coils.toggle] = not self.toggle
         if settings.pulse is not None:
-            await asyncio.sleep(max(0.0, self.pulse_low_until - time.monotonic()))
             handshake[settings.pulse.coil] = True
         together = runs({**result, **handshake})
         if len(together) == 1:  # the result and its handshake in one request
@@ -167,14 +162,8 @@ class ModbusOutput(Output[ModbusSettings]):
             await self._write_coils(handshake)
         if settings.coils.toggle is not None:
             self.toggle = not self.toggle
-        if settings.pulse is not None:
-            self.pulse_task = asyncio.create_task(self._pulse_off(time.monotonic() + settings.pulse.ms / 1000))
-
-    async def _pulse_off(self, when: float) -> None:
-        assert self.settings.pulse is not None
-        await asyncio.sleep(max(0.0, when - time.monotonic()))
-        await self._write_coils({self.settings.pulse.coil: False})
-        self.pulse_low_until = time.monotonic() + self.settings.pulse.ms / 1000
+        if self.pulse is not None:
+            self.pulse.set()
 
     async def _write_coils(self, coils: dict[int, bool]) -> None:
         for first, values in runs(coils):
@@ -190,12 +179,8 @@ class ModbusOutput(Output[ModbusSettings]):
             raise ConnectionError(f"the Modbus server refused {what}: {answer}")
 
     async def close(self) -> None:
-        task, self.pulse_task = self.pulse_task, None
-        if task is not None:  # let a pulse end (stop) or fail fast (lost connection) rather than stay set
-            try:
-                await asyncio.wait_for(task, (self.settings.pulse.ms if self.settings.pulse else 0) / 1000 + 1)
-            except Exception:  # noqa: BLE001 - closing never raises
-                pass
+        if self.pulse is not None:
+            await self.pulse.settle()
         client, self.client = self.client, None
         if client is not None:
             try:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
 import aiomqtt
 from pydantic import Field, field_validator, model_validator
 
-from appliance.outputs.base import EnvValue, Message, Output, OutputSettings, resolved
+from appliance.outputs.base import EnvValue, LoginSettings, Message, Output, OutputSettings, resolved
 from appliance.outputs.template import FIELDS, check_template, render
 
 SCHEMES = {"mqtt": 1883, "mqtts": 8883}
@@ -32,7 +31,7 @@ def broker_address(url: str) -> tuple[str, int, bool]:
     return parts.hostname, port, parts.scheme == "mqtts"
 
 
-class MqttSettings(OutputSettings):
+class MqttSettings(OutputSettings, LoginSettings):
     type: Literal["mqtt"]
     url: str | EnvValue = Field(description="the broker, mqtt://host:port (mqtts:// for TLS)")
     topic: str = Field("appliance/$project/result", description="where to publish; may hold placeholders such as "
@@ -42,9 +41,6 @@ class MqttSettings(OutputSettings):
     qos: Literal[0, 1, 2] = 1
     retain: bool = False
     client_id: str | None = Field(None, max_length=128, description="default: one chosen by the client library")
-    username: str | EnvValue | None = None
-    password: EnvValue | None = Field(None, description="from the environment only: {env: NAME}")
-    password_file: str | None = Field(None, description="an absolute path whose content is the password")
     keepalive_s: int = Field(60, ge=5, le=3600)
 
     @field_validator("url")
@@ -74,19 +70,10 @@ class MqttSettings(OutputSettings):
             raise ValueError(f"unknown field {unknown[0]!r}; known: {', '.join(FIELDS)}")
         return value
 
-    @field_validator("password_file")
-    @classmethod
-    def _password_file(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).is_absolute():
-            raise ValueError("password_file: write an absolute path")
-        return value
-
     @model_validator(mode="after")
     def _consistent(self) -> MqttSettings:
         if self.template is not None and self.fields is not None:
             raise ValueError("template and fields: choose one (fields select what the JSON payload carries)")
-        if self.password is not None and self.password_file is not None:
-            raise ValueError("password and password_file: choose one")
         if isinstance(self.url, EnvValue):
             try:
                 url = self.url.resolve()
@@ -108,17 +95,10 @@ class MqttOutput(Output[MqttSettings]):
             values = {name: values[name] for name in self.settings.fields}
         return json.dumps(values, separators=(",", ":"))
 
-    def _password(self) -> str | None:
-        if self.settings.password is not None:
-            return self.settings.password.resolve()
-        if self.settings.password_file is not None:
-            return Path(self.settings.password_file).read_text().rstrip("\r\n")
-        return None
-
     async def connect(self) -> None:
         host, port, tls = broker_address(resolved(self.settings.url))
-        username = resolved(self.settings.username) if self.settings.username is not None else None
-        client = aiomqtt.Client(host, port, username=username, password=self._password(),
+        username, password = self.settings.login()
+        client = aiomqtt.Client(host, port, username=username, password=password,
                                 identifier=self.settings.client_id, keepalive=self.settings.keepalive_s,
                                 timeout=self.settings.timeout_s,
                                 tls_context=ssl.create_default_context() if tls else None)

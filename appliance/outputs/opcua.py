@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from appliance.outputs.base import EnvValue, Message, Output, OutputSettings, resolved
+from appliance.outputs.base import EnvValue, LoginSettings, Message, Output, OutputSettings, resolved
 
 # What a node may carry: the message's fields, and `ng` (true for an NG part), for a reject gate's bit.
 FIELDS = ("result", "ng", "request_id", "timestamp", "project", "score", "threshold", "rectangles", "labels", "text",
@@ -67,15 +67,12 @@ class OpcUaSecurity(BaseModel):
         return value
 
 
-class OpcUaSettings(OutputSettings):
+class OpcUaSettings(OutputSettings, LoginSettings):
     type: Literal["opcua"]
     url: str | EnvValue = Field(description="the server, opc.tcp://host:port/path")
     nodes: dict[str, str] = Field(min_length=1, description="message field -> node id, e.g. "
                                   "{result: 'ns=2;s=Line1.Result', counter: 'ns=2;s=Line1.Count'}; written in this "
                                   "order in one request")
-    username: str | EnvValue | None = None
-    password: EnvValue | None = Field(None, description="{env: NAME}; or password_file")
-    password_file: str | None = Field(None, description="a file holding the password (e.g. a systemd credential)")
     security: OpcUaSecurity | None = Field(None, description="default: no security (policy None)")
 
     @field_validator("url")
@@ -104,16 +101,6 @@ class OpcUaSettings(OutputSettings):
                 raise ValueError(f"{field}: {node!r} is not a node id (e.g. ns=2;s=Line1.Result or ns=2;i=1001): "
                                  f"{error}") from None
         return value
-
-    @model_validator(mode="after")
-    def _password(self) -> OpcUaSettings:
-        if self.password is not None and self.password_file is not None:
-            raise ValueError("give password or password_file, not both")
-        if (self.password is not None or self.password_file is not None) and self.username is None:
-            raise ValueError("a password needs a username")
-        if self.password_file is not None and not Path(self.password_file).is_file():
-            raise ValueError(f"password_file {self.password_file} does not exist")
-        return self
 
 
 def field_value(message: Message, field: str) -> Any:
@@ -157,12 +144,11 @@ class OpcUaOutput(Output[OpcUaSettings]):
 
         settings = self.settings
         client = Client(resolved(settings.url), timeout=settings.timeout_s)
-        if settings.username is not None:
-            client.set_user(resolved(settings.username))
-            if settings.password is not None:
-                client.set_password(settings.password.resolve())
-            elif settings.password_file is not None:
-                client.set_password(Path(settings.password_file).read_text().rstrip("\r\n"))
+        username, password = settings.login()
+        if username is not None:
+            client.set_user(username)
+        if password is not None:
+            client.set_password(password)
         if settings.security is not None:
             security = settings.security
             if security.application_uri:

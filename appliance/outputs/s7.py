@@ -14,12 +14,11 @@ import asyncio
 import math
 import struct
 import threading
-import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from appliance.outputs.base import EnvValue, Message, Output, OutputSettings, resolved
+from appliance.outputs.base import EnvValue, Message, Output, OutputSettings, Pulse, resolved
 
 
 class _Strict(BaseModel):
@@ -133,8 +132,9 @@ class S7Output(Output[S7Settings]):
         super().__init__(*args, **kwargs)
         self.client: Any = None  # snap7.Client once connected
         self.lock = threading.Lock()  # one call at a time on the client (the pulse reset runs apart)
-        self.pulse_task: asyncio.Task[None] | None = None
-        self.pulse_low_until = 0.0
+        pulse = self.settings.pulse
+        self.pulse = None if pulse is None else Pulse(
+            pulse.ms, lambda: asyncio.to_thread(self._write_bits, {(pulse.byte, pulse.bit): False}))
 
     async def connect(self) -> None:
         import snap7
@@ -152,20 +152,15 @@ class S7Output(Output[S7Settings]):
             return client
 
         self.client = await asyncio.to_thread(connect)
-        if settings.pulse is not None:  # a pulse left set by a connection lost mid-pulse
-            await asyncio.to_thread(self._write_bits, {(settings.pulse.byte, settings.pulse.bit): False})
-            self.pulse_low_until = time.monotonic() + settings.pulse.ms / 1000
+        if self.pulse is not None:
+            await self.pulse.reset()
 
     async def send(self, message: Message) -> None:
-        settings = self.settings
-        if self.pulse_task is not None:
-            task, self.pulse_task = self.pulse_task, None
-            await task
-        if settings.pulse is not None:
-            await asyncio.sleep(max(0.0, self.pulse_low_until - time.monotonic()))
+        if self.pulse is not None:
+            await self.pulse.ready()
         await asyncio.to_thread(self._write_message, message)
-        if settings.pulse is not None:
-            self.pulse_task = asyncio.create_task(self._pulse_off(time.monotonic() + settings.pulse.ms / 1000))
+        if self.pulse is not None:
+            self.pulse.set()
 
     def _write_message(self, message: Message) -> None:
         settings = self.settings
@@ -203,20 +198,9 @@ class S7Output(Output[S7Settings]):
                 raise ConnectionError("not connected to the PLC")
             return getattr(client, name)(*args)
 
-    async def _pulse_off(self, when: float) -> None:
-        pulse = self.settings.pulse
-        assert pulse is not None
-        await asyncio.sleep(max(0.0, when - time.monotonic()))
-        await asyncio.to_thread(self._write_bits, {(pulse.byte, pulse.bit): False})
-        self.pulse_low_until = time.monotonic() + pulse.ms / 1000
-
     async def close(self) -> None:
-        task, self.pulse_task = self.pulse_task, None
-        if task is not None:  # let a pulse end (stop) or fail fast (lost connection) rather than stay set
-            try:
-                await asyncio.wait_for(task, (self.settings.pulse.ms if self.settings.pulse else 0) / 1000 + 1)
-            except Exception:  # noqa: BLE001 - closing never raises
-                pass
+        if self.pulse is not None:
+            await self.pulse.settle()
         client, self.client = self.client, None
         if client is not None:
             try:
