@@ -1,13 +1,17 @@
-"""Outputs: how late the MQTT message reaches a subscriber after the HTTP answer, and what publishing costs the
-inspection's throughput.
+"""Outputs: how late each output's message reaches its peer after the HTTP answer, and what sending to every output
+at once costs the inspection's throughput.
 
-A real Mosquitto on loopback and a paho subscriber (on its own thread) on `appliance/#`. The project is
-projects/line-io's flow (the dark-spots Code hook on 1920x1080 PNG frames, half of them NG), served twice: with
-the MQTT output (QoS 1) and with none. Latency rows send frames paced at 1 and 50 frames/s with one client and
-take, for each request id, the subscriber's arrival minus the moment the client had the answer (negative: the
-message came before the answer was read). Throughput rows are a closed loop of `--clients` clients for
-`--seconds` each, output on and off; the ratio is on / off (goal >= 0.95). Client, server and broker share the
-2 cores.
+Real peers on loopback, each from its own library: Mosquitto with a paho subscriber (MQTT, QoS 1), pymodbus's TCP
+server in a subprocess logging every write (Modbus: coils and the counter register), asyncua's server recording
+every write (OPC UA), a TCP listener (PEKAT's "Output: TCP" line). The project is projects/line-io's flow (the
+dark-spots Code hook on 1920x1080 PNG frames, half of them NG).
+
+Latency rows offer frames at 1 and 50 frames/s and take, for each frame, the moment its
+message reached the peer minus the moment the client had the answer (negative: the message came first). MQTT and
+OPC UA carry the request id; Modbus writes carry the counter, so the n-th coil write belongs to the n-th answer
+(outputs keep order). Throughput rows are a closed loop of `--clients` clients for `--seconds` each, with all four
+outputs on and with none, alternated twice; the ratio is on / off (goal >= 0.95). Client, server and peers share
+the 2 cores.
 
     .venv/bin/python bench/outputs.py [--seconds 4] [--clients 2]
 """
@@ -15,11 +19,14 @@ message came before the answer was read). Throughput rows are a closed loop of `
 from __future__ import annotations
 
 import argparse
+import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -30,8 +37,10 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import start_server  # noqa: E402
+from tests.conftest import free_port, start_server  # noqa: E402
 from tests.outputs.mqtt_peer import Broker, Subscriber  # noqa: E402
+from tests.outputs.test_modbus import FC_COILS, Plc  # noqa: E402
+from tests.outputs.test_opcua import NODES, PlcServer, node  # noqa: E402
 
 
 def frames() -> list[bytes]:
@@ -52,29 +61,56 @@ def project(folder: Path, outputs: list[dict]) -> Path:
     return folder
 
 
-def paced(url: str, images: list[bytes], rate: float, seconds: float, subscriber: Subscriber, tag: str) -> dict:
+class LineListener:
+    """A TCP peer that timestamps each line it reads (the TCP output's `$request_id` template)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.arrived: dict[str, float] = {}
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            with connection, connection.makefile("r") as lines:
+                for line in lines:
+                    self.arrived[line.strip()] = time.monotonic()
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+def paced(url: str, images: list[bytes], rate: float, seconds: float, tag: str) -> list[tuple[str, float]]:
+    """(request id, answered at) for frames offered at `rate` (a pool of 4 senders keeps the pace when an answer
+    takes longer than the interval), in the order of the answers."""
     answered: dict[str, float] = {}
-    session = requests.Session()
-    start = time.monotonic()
-    index = 0
-    while time.monotonic() - start < seconds:
-        due = start + index / rate
-        time.sleep(max(0.0, due - time.monotonic()))
+    sessions = threading.local()
+
+    def send(index: int) -> None:
+        if not hasattr(sessions, "session"):
+            sessions.session = requests.Session()
         request_id = f"{tag}-{index}"
-        answer = session.post(f"{url}/analyze_image", data=images[index % 2], headers={"X-Request-Id": request_id},
-                              timeout=30)
-        answer.raise_for_status()
+        sessions.session.post(f"{url}/analyze_image", data=images[index % 2], headers={"X-Request-Id": request_id},
+                              timeout=30).raise_for_status()
         answered[request_id] = time.monotonic()
-        index += 1
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        arrived = {m.json()["request_id"]: m.at for m in list(subscriber.messages)}
-        if all(request_id in arrived for request_id in answered):
-            break
+
+    count = max(10, int(rate * seconds))  # at 1 frame/s, 10 frames at least
+    with ThreadPoolExecutor(4) as pool:
+        start = time.monotonic()
+        for index in range(count):
+            time.sleep(max(0.0, start + index / rate - time.monotonic()))
+            pool.submit(send, index)
+    return sorted(answered.items(), key=lambda item: item[1])  # outputs send in the order answers were given
+
+
+def wait_until(done: Callable[[], bool], seconds: float = 15) -> None:
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
         time.sleep(0.01)
-    late = sorted((arrived[r] - t) * 1000 for r, t in answered.items() if r in arrived)
-    return {"sent": len(answered), "heard": len(late), "median_ms": statistics.median(late),
-            "p99_ms": late[min(len(late) - 1, int(len(late) * 0.99))], "max_ms": late[-1]}
 
 
 def closed_loop(url: str, images: list[bytes], clients: int, seconds: float) -> float:
@@ -95,6 +131,12 @@ def closed_loop(url: str, images: list[bytes], clients: int, seconds: float) -> 
     return sum(counts) / seconds
 
 
+def row(name: str, rate: float, late_ms: list[float], sent: int) -> str:
+    late_ms.sort()
+    return (f"| {name}, {rate:g} frames/s | {sent} | {len(late_ms)} | {statistics.median(late_ms):.2f} | "
+            f"{late_ms[min(len(late_ms) - 1, int(len(late_ms) * 0.99))]:.2f} | {late_ms[-1]:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0)
@@ -106,32 +148,61 @@ def main() -> None:
         broker = Broker(folder / "broker")
         broker.start()
         subscriber = Subscriber(broker.port, "appliance/#").start()
-        on = start_server(project(folder / "on", [{"type": "mqtt", "url": broker.url, "qos": 1}]),
-                          log_level="WARNING")
+        modbus = Plc(free_port())
+        modbus.start()
+        opcua = PlcServer(free_port()).start()
+        line = LineListener()
+        outputs = [{"type": "mqtt", "url": broker.url, "qos": 1},
+                   {"type": "modbus", "url": f"tcp://127.0.0.1:{modbus.port}", "unit": 1, "coils": {"ok": 0, "ng": 1},
+                    "registers": {"counter": 0}},
+                   {"type": "opcua", "url": opcua.url, "nodes": NODES},
+                   {"type": "tcp", "host": "127.0.0.1", "port": line.port, "template": "$request_id"}]
+        on = start_server(project(folder / "on", outputs), log_level="WARNING")
         off = start_server(project(folder / "off", []), log_level="WARNING")
         try:
-            for _ in range(5):  # warm: the output connects on its first message
+            for _ in range(5):  # warm: each output connects on its first message
                 requests.post(f"{on.url}/analyze_image", data=images[0], timeout=30).raise_for_status()
                 requests.post(f"{off.url}/analyze_image", data=images[0], timeout=30).raise_for_status()
-            print("| row | sent | heard | median ms | p99 ms | max ms |")
+            wait_until(lambda: len(line.arrived) >= 5)
+            print("| output, rate | sent | heard | median ms | p99 ms | max ms |")
             print("| --- | ---: | ---: | ---: | ---: | ---: |")
             for rate in (1.0, 50.0):
-                row = paced(on.url, images, rate, args.seconds, subscriber, f"r{rate:g}")
-                print(f"| MQTT latency, answer -> subscriber, {rate:g} frames/s | {row['sent']} | {row['heard']} | "
-                      f"{row['median_ms']:.2f} | {row['p99_ms']:.2f} | {row['max_ms']:.2f} |")
-            rates = {}
+                coil_writes_before = sum(w["fc"] == FC_COILS for w in list(modbus.writes))
+                opcua_before = len(opcua.writes)
+                answered = paced(on.url, images, rate, args.seconds, f"r{rate:g}")
+                ids = {request_id for request_id, _ in answered}
+
+                def all_heard(ids: set[str] = ids, opcua_before: int = opcua_before,
+                              coils_before: int = coil_writes_before) -> bool:
+                    return (ids <= {m.json()["request_id"] for m in list(subscriber.messages)}
+                            and ids <= set(line.arrived) and len(opcua.writes) >= opcua_before + len(ids)
+                            and sum(w["fc"] == FC_COILS for w in list(modbus.writes)) >= coils_before + len(ids))
+
+                wait_until(all_heard)
+                mqtt = {m.json()["request_id"]: m.at for m in list(subscriber.messages)}
+                values = {written[node("Id")]: at for at, written in opcua.writes[opcua_before:]}
+                coils = [w["t"] for w in modbus.writes if w["fc"] == FC_COILS][coil_writes_before:]
+                for name, arrived in (("MQTT", mqtt), ("OPC UA", values), ("TCP line", line.arrived)):
+                    print(row(name, rate, [(arrived[r] - t) * 1000 for r, t in answered if r in arrived],
+                              len(answered)))
+                print(row("Modbus coils", rate, [(at - t) * 1000 for (_, t), at in zip(answered, coils, strict=False)],
+                          len(answered)))
+            rates: dict[str, list[float]] = {}
             for name, server in (("off", off), ("on", on), ("off", off), ("on", on)):
                 rates.setdefault(name, []).append(closed_loop(server.url, images, args.clients, args.seconds))
             best = {name: max(values) for name, values in rates.items()}
             print()
-            print(f"closed loop, {args.clients} clients, {args.seconds:g} s a row (best of 2): output off "
-                  f"{best['off']:.1f} inspections/s, MQTT on {best['on']:.1f} inspections/s, "
+            print(f"closed loop, {args.clients} clients, {args.seconds:g} s a row (best of 2): no output "
+                  f"{best['off']:.1f} inspections/s, MQTT + Modbus + OPC UA + TCP on {best['on']:.1f} inspections/s, "
                   f"ratio {best['on'] / best['off']:.3f} (goal >= 0.95)")
         finally:
             on.stop()
             off.stop()
             subscriber.stop()
             broker.stop()
+            modbus.stop()
+            opcua.stop()
+            line.stop()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import copy
 import importlib.util
 import inspect
 import io
+import logging
 import sys
 import threading
 import traceback
@@ -27,6 +28,10 @@ from pydantic import Field, PositiveFloat
 from appliance.context import DROPPED, PRIVATE_KEYS, Context, clean_json
 from appliance.nodes.base import Node, NodeEnvironment, NodeError, NodeSettings
 from appliance.threads import started_pool
+
+log = logging.getLogger("appliance.hooks")
+# A hook failing on every frame logs its traceback once per (exception type, hook line); /metrics counts them all.
+REPORTED_FAILURES_MAX = 256
 
 STREAM_CAP = 64 * 1024
 # Keys a hook must leave in place for the nodes after it (RELIABILITY 7.6).
@@ -176,13 +181,23 @@ class Code(Node[CodeSettings]):
         else:
             self.extra_args = ()
         self.runner = hook_runner(self.env)
+        self.reported: set[tuple[str, int | None]] = set()
 
     def _error_entry(self, error: BaseException) -> dict[str, Any]:
+        frames = traceback.extract_tb(error.__traceback__)
         line = None
-        for frame in traceback.extract_tb(error.__traceback__):
+        for frame in frames:
             if frame.filename == self.path:
                 line = frame.lineno
-        return {"node": self.id, "type": type(error).__name__, "message": _first_line(error), "line": line}
+        kind, message = type(error).__name__, _first_line(error)
+        if (kind, line) not in self.reported and len(self.reported) < REPORTED_FAILURES_MAX:
+            self.reported.add((kind, line))
+            # The user's frames only (the runner's are noise to them); values are not shown, only code lines.
+            user_frames = [frame for frame in frames if frame.filename == self.path] or frames[-1:]
+            log.warning("hook %s (%s) raised %s: %s (first time at this line; later ones are counted in "
+                        "appliance_hook_errors_total)\n%s", self.id, Path(self.path).name, kind, message[:200],
+                        "".join(traceback.format_list(user_frames)).rstrip())
+        return {"node": self.id, "type": kind, "message": message, "line": line}
 
     def run(self, ctx: Context) -> None:
         work = Context({k: (v if k in ("image", "heatmaps") else copy.deepcopy(v)) for k, v in ctx.items()})

@@ -151,6 +151,31 @@ def test_hook_exception_is_recorded_with_its_line_and_fails_the_part(tmp_path):
     assert "evaluation" not in ctx  # the branch ended at the failure
 
 
+def test_a_failing_hook_logs_its_own_traceback_once_per_line(tmp_path, caplog):
+    hook = """
+    def main(context):
+        if context["data"] == "type":
+            raise TypeError("not this one")
+        raise KeyError("x")
+    """
+    project = Project.load(write_project(tmp_path, {"nodes": {"bad": {"type": "code@1", "module": "bad"}}},
+                                         hooks={"bad": hook}))
+    project.prepare()
+    try:
+        with caplog.at_level("WARNING", logger="appliance.hooks"):
+            for data in ("key", "key", "type", "key", "type"):
+                project.runner.run(Context.for_frame(np.zeros((8, 8, 3), np.uint8), data))
+    finally:
+        project.close()
+    records = [record.getMessage() for record in caplog.records if record.name == "appliance.hooks"]
+    assert len(records) == 2, records  # one per (exception, line), not one per frame
+    assert records[0].startswith("hook bad (bad.py) raised KeyError: 'x' (first time at this line")
+    assert 'bad.py", line 5, in main' in records[0] and 'raise KeyError("x")' in records[0]
+    assert "appliance/flow" not in records[0]  # the user's frames, not the runner's
+    assert records[1].startswith("hook bad (bad.py) raised TypeError: not this one")
+    assert 'line 4, in main' in records[1]
+
+
 def test_hook_with_on_error_continue_keeps_the_flow_going(tmp_path):
     hook = "def main(context):\n    1 / 0\n"
     flow = {"nodes": {"bad": {"type": "code@1", "module": "bad", "on_error": "continue", "next": ["after"]},

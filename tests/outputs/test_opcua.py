@@ -6,12 +6,9 @@ checks with their places; the latency from the answer to the value at the server
 from __future__ import annotations
 
 import asyncio
-import os
-import statistics
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -290,38 +287,3 @@ def test_values_follow_the_nodes_types():
     assert convert(None, "Int32") is None and np.isnan(convert(None, "Double"))
     assert convert(True, "String") == "true" and convert(1, "Boolean") is True
     assert convert(0.0, "DateTime") == datetime(1970, 1, 1, tzinfo=UTC)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("APPLIANCE_MEASURE"), reason="a measurement: APPLIANCE_MEASURE=1")
-def test_latency_from_the_answer_to_the_value_at_the_server(tmp_path, plc):
-    """Prints the latency from the HTTP answer to the write at the server at 1 and 50 frames/s."""
-    project = write_project(tmp_path / "p", FLOW, hooks={"verdict": VERDICT}, outputs=[
-        {"type": "opcua", "url": plc.url, "nodes": NODES}])
-    server = start_server(project, log_level="INFO")
-    try:
-        with requests.Session() as session:
-            analyse(server.url, "ok", "warm", session)
-            plc.wait_for(1)
-            for rate, frames in ((1, 20), (50, 500)):
-                answered: dict[str, float] = {}
-                first = len(plc.writes)
-
-                def one(index: int, rate: int = rate, answered: dict[str, float] = answered) -> None:
-                    analyse(server.url, "ng" if index % 2 else "ok", f"r{rate}-{index}", session)
-                    answered[f"r{rate}-{index}"] = time.monotonic()
-
-                with ThreadPoolExecutor(4) as pool:
-                    start = time.monotonic()
-                    for index in range(frames):
-                        time.sleep(max(0.0, start + index / rate - time.monotonic()))
-                        pool.submit(one, index)
-                plc.wait_for(first + frames, seconds=30)
-                arrived = {written[node("Id")]: at for at, written in plc.writes[first:]}
-                latency = sorted((arrived[key] - answered[key]) * 1000 for key in answered if key in arrived)
-                print(f"\nopcua {rate} frames/s: {len(latency)}/{frames} arrived, answer -> value at server: "
-                      f"median {statistics.median(latency):.2f} ms, p95 {latency[int(0.95 * len(latency))]:.2f} ms, "
-                      f"max {latency[-1]:.2f} ms")
-                assert len(latency) == frames
-    finally:
-        server.stop()
