@@ -134,3 +134,4 @@ def _install(state: ServerState, new: Project) -> None:
     state.queue_depth = queue_depth(new, state.slots)
     state.project = new
     state.metrics.describe_models(new.runtime)
+    state.metrics.describe_project(new.name, new.flow_sha256)

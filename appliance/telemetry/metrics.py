@@ -109,8 +109,12 @@ class Metrics:
             "openvino_version": openvino.__version__.split("-")[0],
             "python_version": platform.python_version(),
         })
-        Info("appliance_project", "The project this process serves", registry=r).info({
-            "project": project, "flow_sha256": flow_sha256})
+        self.project_info = Info("appliance_project", "The project this process serves", registry=r)
+        self.describe_project(project, flow_sha256)
+
+    def describe_project(self, project: str, flow_sha256: str) -> None:
+        """At start and after each reload: the flow's hash tells which flow a dashboard's numbers came from."""
+        self.project_info.info({"project": project, "flow_sha256": flow_sha256})
 
     def source_frame(self, source: str, outcome: str) -> None:
         self.source_frames.labels(source, outcome).inc()

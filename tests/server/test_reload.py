@@ -121,6 +121,9 @@ def test_sighup_swaps_in_a_changed_flow_and_hooks_while_every_frame_of_a_burst_a
         assert after["flow_tag"] == "b" and after["result"] is False
         now = health(server)
         assert now["status"] == "ready" and now["flow_sha256"] != first["flow_sha256"]
+        metrics = requests.get(f"{server.url}/metrics", timeout=10).text  # dashboards see the new flow too
+        info = [line for line in metrics.splitlines() if line.startswith("appliance_project_info{")]
+        assert len(info) == 1 and f'flow_sha256="{now["flow_sha256"]}"' in info[0] and info[0].endswith(" 1.0")
         assert "reload_failed" not in now and "restart_needed" not in now
         assert requests.get(f"{server.url}/health/ready").status_code == 200
         assert any(entry["msg"].startswith("reload: flow flow.yaml") for entry in log_entries(server))
