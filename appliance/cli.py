@@ -132,7 +132,7 @@ def _devices(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace) -> int:
     from appliance.project import Project
-    from appliance.runtime.store import StoreError, read_current, resolve_version, switch_current
+    from appliance.runtime.store import StoreError, read_current, resolve_version, switch_current, versions
 
     try:
         project = Project.load(Path(args.project_dir))
@@ -141,10 +141,8 @@ def _models(args: argparse.Namespace) -> int:
     store = project.runtime.store
     if args.action == "list":
         for model_dir in sorted(p for p in store.glob("*") if p.is_dir() and not p.name.startswith((".", "_"))):
-            current = read_current(model_dir)
-            versions = sorted((p.name for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                              key=lambda v: (len(v), v))
-            print(f"{model_dir.name}: current {current}; versions {', '.join(versions) or 'none'}")
+            print(f"{model_dir.name}: current {read_current(model_dir)}; versions "
+                  f"{', '.join(versions(model_dir)) or 'none'}")
         return 0
     try:
         resolve_version(store, args.model, args.version)
@@ -316,11 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pekat-dist":
         return _pekat_dist(args)
     if args.command == "train":
-        if args.task == "segment":
-            from appliance.training.segment import main as train_segment
+        from appliance.training.cli import anomaly_main, segment_main
 
-            return train_segment(args.rest)
-        from appliance.training.anomaly import main as train_anomaly
-
-        return int(train_anomaly(args.rest) or 0)
+        return segment_main(args.rest) if args.task == "segment" else anomaly_main(args.rest)
     return _check(args)

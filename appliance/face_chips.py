@@ -16,9 +16,13 @@ uniform scale, shift) as dlib's ``find_similarity_transform``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    from appliance.runtime.spec import InputSpec
 
 # BlazeFace's keypoints in order: the person's right eye, left eye, nose tip, mouth centre, right ear, left ear.
 KEYPOINTS = ("right_eye", "left_eye", "nose_tip", "mouth", "right_ear", "left_ear")
@@ -82,11 +86,10 @@ def cut_chip(image: np.ndarray, transform: np.ndarray, size: int) -> np.ndarray:
                           borderValue=0)
 
 
-def chip_padding(spec_input: object, default: float = 0.25) -> float:
+def chip_padding(spec_input: InputSpec, default: float = 0.25) -> float:
     """The chip padding a face model was trained with: its spec's ``input.chip_padding`` (dlib's descriptor
     0.25, its age and gender networks 0.2)."""
-    extra = getattr(spec_input, "model_extra", None) or {}
-    return float(extra.get("chip_padding", default))
+    return spec_input.chip_padding if spec_input.chip_padding is not None else default
 
 
 def face_chip(image: np.ndarray, keypoints: np.ndarray, size: int, padding: float) -> np.ndarray:

@@ -25,10 +25,9 @@ import numpy as np
 
 from appliance.errors import ApplianceError, BadRequest, NotFound
 from appliance.face_chips import chip_padding, face_chip
+from appliance.nodes.settings import DEFAULT_DESCRIPTOR_MODEL, DEFAULT_GALLERY
 
 DESCRIPTOR_SIZE = 128
-DEFAULT_FOLDER = "gallery"
-DEFAULT_DESCRIPTOR_MODEL = "face_descriptor"
 DEFAULT_FACE_MODEL = "face_full"
 # A file name on every file system: letters of any script, digits, space, dot, apostrophe, hyphen, underscore;
 # no path separator, no leading dot (hidden files are temporaries).
@@ -183,7 +182,7 @@ def enrolment_setup(project_dir: Path) -> EnrolmentSetup:
         files = load_project_files(Path(project_dir))
     except ConfigError as error:
         raise NotFound(f"project {project_dir}: {error}") from None
-    gallery, face_model, descriptor_model = DEFAULT_FOLDER, DEFAULT_FACE_MODEL, DEFAULT_DESCRIPTOR_MODEL
+    gallery, face_model, descriptor_model = DEFAULT_GALLERY, DEFAULT_FACE_MODEL, DEFAULT_DESCRIPTOR_MODEL
     flows = [files.flow, *files.capability_flows.values()]
     for flow in flows:
         for settings in flow.nodes.values():

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # project.yaml settings the running server fixed when it started (its socket, routes, keys, device, model
 # store): a reload keeps their old values and says that they need a restart.
 RESTART_SETTINGS = ("name", "host", "port", "api_key", "api_keys", "apis", "api_settings", "firmware_profile",
-                    "models_dir", "cache_dir", "metrics")
+                    "models_dir", "cache_dir", "metrics", "console")
 # The same for limits: the body size aiohttp enforces, the drain, and the Code hooks' thread pool.
 RESTART_LIMITS = ("max_frame_pixels", "max_body_bytes", "drain_timeout_s", "max_stuck_hooks")
 

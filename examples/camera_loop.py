@@ -1,11 +1,14 @@
-"""A camera-loop client: send frames from a video file, an image folder or a V4L2 camera to the appliance.
+"""A camera-loop client: send the images of a folder or the frames of a video file to the appliance's HTTP API.
 
-    python examples/camera_loop.py --source /dev/video0 --rate 10 --as bayer
     python examples/camera_loop.py --source parts/ --as jpeg --url http://127.0.0.1:8000
+    python examples/camera_loop.py --source parts/ --rate 10 --as bayer
     python examples/camera_loop.py --source line.mp4 --as bgr --max-frames 100
-    python examples/camera_loop.py --source /dev/video0 --as shm --shm-group appliance-cameras
+    python examples/camera_loop.py --source line.mp4 --as shm --shm-group appliance-cameras
 
-Each answer's verdict, rectangles and latency is printed, one line per frame.
+Each answer's verdict, rectangles and latency is printed, one line per frame. It needs only OpenCV, numpy and
+requests: copy it to the PC that has the images. A camera or stream the appliance should read itself (a GigE Vision
+or USB3 Vision camera, a V4L2/UVC camera, RTSP) needs no client: list it under `sources:` in project.yaml
+(docs/sources.md), and the appliance acquires, inspects and sends the results to the `outputs:` on its own.
 
 `--as shm` hands each frame over in a /dev/shm block (same machine only). Python creates blocks with mode 0600, so
 the appliance can read them only when this script runs as the appliance's user; with `--shm-group GROUP` (the
@@ -44,14 +47,17 @@ def frames_from(source: str, loop: bool) -> Iterator[tuple[str, np.ndarray]]:
                     yield file.name, image
             if not loop:
                 return
-    capture = cv2.VideoCapture(int(source) if source.isdigit() else source)
+    if source.isdigit() or source.startswith("/dev/") or "://" in source:
+        raise SystemExit(f"{source} is a camera or a stream: the appliance reads it itself when project.yaml lists "
+                         "it under `sources:` (docs/sources.md); this client sends image folders and video files")
+    capture = cv2.VideoCapture(source)
     if not capture.isOpened():
-        raise SystemExit(f"cannot open {source} as a video file or camera")
+        raise SystemExit(f"cannot open {source} as a video file or an image folder")
     index = 0
     while True:
         ok, image = capture.read()
         if not ok:
-            if loop and not source.startswith("/dev/") and not source.isdigit():
+            if loop:
                 capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
                 continue
             return
@@ -110,7 +116,7 @@ class SharedFrames:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", required=True, help="video file, image folder, /dev/videoN or camera index")
+    parser.add_argument("--source", required=True, help="an image folder or a video file")
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--as", dest="kind", choices=["bgr", "bayer", "jpeg", "shm"], default="jpeg")
     parser.add_argument("--shm-group", metavar="GROUP", help="with --as shm: make each block readable by this "

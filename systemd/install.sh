@@ -63,7 +63,7 @@ fi
 models_from=()
 if [ -n "$wheelhouse" ] && [ -d "$wheelhouse/models" ]; then
     echo "pretrained models -> $prefix/models (from $wheelhouse/models, no network)"
-    "$venv/bin/python" -m appliance.runtime.model_supply --store "$prefix/models" --cache "$wheelhouse/models"
+    "$venv/bin/python" -m appliance.supply.model_supply --store "$prefix/models" --cache "$wheelhouse/models"
     models_from=(--models-from "$prefix/models")
 fi
 cp "$source_dir/README.md" "$source_dir/LICENSE" "$prefix/"

@@ -37,3 +37,13 @@ def test_camera_loop_reads_a_video_file_at_a_rate(spots_server, tmp_path):
     assert result.returncode == 0, result.stderr
     verdicts = [line.split(": ")[1][:2] for line in result.stdout.splitlines()]
     assert verdicts == ["OK", "NG", "OK", "NG"]
+
+
+def test_camera_loop_points_a_camera_to_the_appliances_own_sources():
+    # Cameras and streams are the appliance's to read (project.yaml `sources:`), not this client's.
+    result = subprocess.run([sys.executable, str(REPO / "examples" / "camera_loop.py"), "--source", "/dev/video0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith("/dev/video0 is a camera or a stream: the appliance reads it itself when "
+                                          "project.yaml lists it under `sources:` (docs/sources.md); this client "
+                                          "sends image folders and video files")

@@ -121,3 +121,15 @@ def test_pekat_dist_writes_an_executable_launcher_for_this_python(tmp_path: Path
     run = subprocess.run([str(launcher), "-data", str(broken), "-port", str(free_port()), "-stop_key", "k"],
                          capture_output=True, text=True, cwd="/", timeout=120)
     assert run.returncode == EXIT_CONFIG and "unknown key (did you mean 'width'?)" in run.stderr
+
+
+def test_train_refuses_a_version_that_exists_before_training(tmp_path: Path) -> None:
+    from appliance.runtime.store import publish
+
+    publish(tmp_path / "store", "parts", {"model.onnx": b"network"}, {"task": "anomaly", "input": {"size": [64, 64]}})
+    (tmp_path / "good").mkdir()
+    done = appliance("train", "anomaly", "--good", str(tmp_path / "good"), "--out", str(tmp_path / "store" / "parts"),
+                     "--version", "1", cwd=tmp_path)
+    assert done.returncode == 1 and done.stdout == ""  # refused before training, not after it
+    assert done.stderr == (f"error: {tmp_path / 'store' / 'parts' / '1'} exists; versions are never overwritten: "
+                           "pick another --version\n")

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from appliance.errors import ConfigError, DeviceUnavailable
 from appliance.project import Project
-from tests.conftest import write_project
+from appliance.runtime.store import switch_current, write_manifest
+from tests.conftest import REPO, write_project
 
 
 def problems_of(folder) -> list[str]:
@@ -70,3 +77,91 @@ def test_duplicate_yaml_keys_are_reported(tmp_path):
     project = write_project(tmp_path, "nodes:\n  a: {type: flip@1, direction: both}\n  a: {type: flip@1, "
                                       "direction: both}\n")
     assert any("nodes.a: duplicate key" in p for p in problems_of(project))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layers: configuration loads without the serving path's libraries (issue 16, item 4)
+
+LOAD_PROJECTS = """
+import json, sys
+from pathlib import Path
+from appliance.config.loader import load_project_files
+loaded = {}
+for folder in map(Path, sys.argv[1:]):
+    files = load_project_files(folder)
+    loaded[folder.name] = [len(files.flow.nodes), len(files.outputs), len(files.sources)]
+print(json.dumps({"loaded": loaded, "imported": [m for m in ("openvino", "cv2") if m in sys.modules]}))
+"""
+
+
+def load_in_a_fresh_interpreter(*projects: Path) -> dict:
+    # A fresh interpreter: this test process has imported both long ago.
+    env = {**os.environ, "VISION_API_KEY": "k", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", LOAD_PROJECTS, *map(str, projects)], capture_output=True,
+                          text=True, cwd=REPO, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def aravis_present() -> bool:
+    from appliance.sources.genicam import load_aravis
+
+    try:
+        load_aravis()
+    except ImportError:
+        return False
+    return True
+
+
+def test_loading_a_projects_configuration_imports_neither_openvino_nor_opencv() -> None:
+    projects = [folder for folder in sorted((REPO / "projects").iterdir()) if (folder / "project.yaml").is_file()]
+    if not aravis_present() and not os.environ.get("APPLIANCE_REQUIRE_TOOLS"):
+        # Its camera source is refused at load on a PC without Aravis (make test-tools installs it).
+        projects = [folder for folder in projects if folder.name != "camera-line"]
+    result = load_in_a_fresh_interpreter(*projects)
+    assert {"demo", "line-io", "surface-defects", "vision-api"} <= set(result["loaded"])
+    assert result["loaded"]["line-io"][1] == 2  # its outputs were validated too (MQTT and Modbus)
+    assert result["imported"] == []
+
+
+def test_loading_a_project_with_sources_imports_neither_openvino_nor_opencv(tmp_path) -> None:
+    # Every source kind is imported to validate one: each imports OpenCV where it reads frames, not at the top.
+    project = write_project(tmp_path / "p", {"nodes": {"f": {"type": "flip@1", "direction": "both"}}},
+                            sources=[{"type": "folder", "name": "inbox", "path": "inbox"}])
+    result = load_in_a_fresh_interpreter(project)
+    assert result["loaded"]["p"][2] == 1
+    assert result["imported"] == []
+
+
+def test_the_apis_configuration_knows_are_the_apis_the_server_serves() -> None:
+    from appliance.config.apis import API_SETTINGS
+    from appliance.server.dialects import DIALECTS
+
+    assert list(API_SETTINGS) == list(DIALECTS)
+    for name, dialect in DIALECTS.items():
+        assert dialect.settings_model is API_SETTINGS[name], name
+
+
+def test_api_settings_are_checked_with_their_places(tmp_path):
+    project = write_project(tmp_path, {"nodes": {"f": {"type": "flip@1", "direction": "both"}}},
+                            apis=["pekat", "imagerecognize"], api_settings={"imagerecognize": {"daily_qouta": 3}})
+    (problem,) = problems_of(project)
+    assert problem.endswith("api_settings.imagerecognize.daily_qouta: unknown key (did you mean 'daily_quota'?)")
+    project = write_project(tmp_path / "b", {"nodes": {"f": {"type": "flip@1", "direction": "both"}}},
+                            apis=["pekat", "imagerecognise"])
+    (problem,) = problems_of(project)
+    assert "apis: unknown API 'imagerecognise'; known: pekat, deepomatic, imagerecognize, raypack, kserve" in problem
+
+
+def test_a_models_spec_with_a_misspelt_key_is_reported_with_its_file_and_line(tmp_path):
+    project = write_project(tmp_path, {"nodes": {"a": {"type": "anomaly@1", "model": "parts"}}})
+    version = project / "models" / "parts" / "1"
+    version.mkdir(parents=True)
+    (version / "model.onnx").write_bytes(b"not read: the spec is refused first")
+    (version / "spec.yaml").write_text("task: anomaly\ninput: {size: [64, 64]}\noutputs:\n  scroe: pred_score\n"
+                                       "threshold: 1.5\n")
+    write_manifest(version)
+    switch_current(project / "models" / "parts", "1")
+    (problem,) = problems_of(project)
+    assert f"nodes.a.model: {version / 'spec.yaml'}:4:3 outputs.scroe: unknown key (did you mean 'score'?); put a " \
+           f"version in" in problem

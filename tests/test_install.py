@@ -194,7 +194,7 @@ def test_wheelhouse_installs_offline_into_a_fresh_venv_that_serves_from_any_fold
 def test_default_locations_follow_systemd_then_xdg_then_the_project(monkeypatch: pytest.MonkeyPatch,
                                                                      tmp_path: Path) -> None:
     from appliance import paths
-    from appliance.runtime.model_supply import default_cache_dir
+    from appliance.supply.model_supply import default_cache_dir
 
     for name in ("CACHE_DIRECTORY", "XDG_CACHE_HOME", "XDG_DATA_HOME", "APPLIANCE_MODEL_STORE",
                  "APPLIANCE_WHEEL_CACHE", "APPLIANCE_PROFILES_DIR"):

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from appliance.config.apis import API_SETTINGS
 from appliance.config.flow import FlowSpec, validate_flow
 from appliance.config.profile import FirmwareProfile, load_profile
 from appliance.config.project import KeySource, ProjectConfig, resolve_key
 from appliance.config.source import Problem, YamlDocument, load_yaml, validation_problems
 from appliance.errors import ConfigError
-from appliance.outputs.base import OutputSettings
-from appliance.sources.base import SourceSettings
+
+if TYPE_CHECKING:
+    # The output and source registries import their kinds' libraries (OpenCV for cameras): only a project that
+    # lists outputs or sources imports them (tests/test_config.py: configuration loads without OpenCV).
+    from appliance.outputs.base import OutputSettings
+    from appliance.sources.base import SourceSettings
 
 PROJECT_FILE = "project.yaml"
 
@@ -58,6 +63,8 @@ def load_project_files(project_dir: Path) -> ProjectFiles:
     problems: list[Problem] = list(doc.problems)
     config = None
     api_keys: dict[str, bytes] = {}
+    outputs: list[OutputSettings] = []
+    sources: list[SourceSettings] = []
     if not problems:
         try:
             config = ProjectConfig.model_validate(doc.data if isinstance(doc.data, dict) else {})
@@ -74,12 +81,16 @@ def load_project_files(project_dir: Path) -> ProjectFiles:
             except ValueError as error:
                 problems.append(doc.problem(path, str(error)))
         problems += _api_settings_problems(doc, config)
-        from appliance.outputs import OUTPUT_TYPES
-        from appliance.sources import SOURCE_TYPES
+        if config.outputs:
+            from appliance.outputs import OUTPUT_TYPES
 
-        outputs, output_problems = _kinds(doc, "outputs", config.outputs, OUTPUT_TYPES)
-        sources, source_problems = _kinds(doc, "sources", config.sources, SOURCE_TYPES)
-        problems += output_problems + source_problems
+            outputs, output_problems = _kinds(doc, "outputs", config.outputs, OUTPUT_TYPES)
+            problems += output_problems
+        if config.sources:
+            from appliance.sources import SOURCE_TYPES
+
+            sources, source_problems = _kinds(doc, "sources", config.sources, SOURCE_TYPES)
+            problems += source_problems
     profile = None
     if config is not None:
         profile, profile_problems = load_profile(config.firmware_profile)
@@ -151,15 +162,13 @@ def _kinds(doc: YamlDocument, key: str, items: list[dict[str, Any]], registry: d
 
 def _api_settings_problems(doc: YamlDocument, config: ProjectConfig) -> list[Problem]:
     """Each API's settings, checked by that API's own model, with their places in project.yaml."""
-    from appliance.server.dialects import dialect_class
-
     problems: list[Problem] = []
     for name, settings in config.api_settings.items():
         if name not in config.apis:
             problems.append(doc.problem(("api_settings", name), f"settings for '{name}', which `apis` does not "
                                         f"list ({', '.join(config.apis)})", at_key=True))
             continue
-        model = dialect_class(name).settings_model
+        model = API_SETTINGS[name]
         try:
             model.model_validate(settings)
         except ValidationError as error:

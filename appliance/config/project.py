@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
+from appliance.config.apis import API_NAMES
+
 
 class StrictModel(BaseModel):
     """Every configuration model forbids unknown keys: a typo is an error with its place, never ignored."""
@@ -63,6 +65,30 @@ class MetricsSettings(StrictModel):
     loopback_only: bool = False  # 403 for scrapers that are not on this machine
 
 
+class ConsoleGallery(StrictModel):
+    """Frames the console keeps: every NG frame, OK frames by sampling, and any frame a Code hook marks with
+    `context["save"] = True` (PEKAT's key); past either bound the oldest go first."""
+
+    enabled: bool = True
+    max_frames: PositiveInt = 500
+    max_megabytes: PositiveInt = 1024
+    ok_every_s: float = Field(default=60.0, ge=0)  # one OK frame per this many seconds; 0 keeps none
+    max_per_second: PositiveInt = 5  # frames written a second at most: the rest of a burst is counted, not kept
+    format: Literal["png", "jpeg"] = "png"  # png: lossless, to retrain from
+
+
+class ConsoleSettings(StrictModel):
+    """The operator console at /console/ (appliance/console/, docs/console.md); off unless enabled."""
+
+    enabled: bool = False
+    # Browsers on other machines, with the project's key; otherwise this machine only.
+    remote: bool = False
+    live_fps: float = Field(default=5.0, gt=0, le=30)  # frames pushed to each page at most, the latest wins
+    session_hours: PositiveFloat = 12.0
+    folder: str = "console"  # the gallery and the teaching jobs, relative to the project folder
+    gallery: ConsoleGallery = ConsoleGallery()
+
+
 KeySource = str | KeyFromEnv | KeyFromFile
 # A flow: the path of a flow file relative to the project folder, or the flow itself (a 'nodes' mapping).
 FlowReference = str | dict[str, Any]
@@ -114,6 +140,7 @@ class ProjectConfig(StrictModel):
     code: CodeSettings = CodeSettings()
     image_response: ImageResponse = ImageResponse()
     metrics: MetricsSettings = MetricsSettings()
+    console: ConsoleSettings = ConsoleSettings()
     # PEKAT clients use shared memory only when /version >= 3.18.0 (PROTOCOL.md 6); containers without
     # --ipc=host must answer lower so the client falls back to raw bodies. Default: 3.18.0+appliance.<ours>.
     version_reply: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)*(\+[A-Za-z0-9.]+)?$")
@@ -135,14 +162,19 @@ class ProjectConfig(StrictModel):
     @field_validator("apis")
     @classmethod
     def _apis_known(cls, value: list[str]) -> list[str]:
-        from appliance.server.dialects import DIALECT_NAMES
-
         for name in value:
-            if name not in DIALECT_NAMES:
-                raise ValueError(f"unknown API '{name}'; known: {', '.join(DIALECT_NAMES)}")
+            if name not in API_NAMES:
+                raise ValueError(f"unknown API '{name}'; known: {', '.join(API_NAMES)}")
         if len(set(value)) != len(value):
             raise ValueError("an API is listed twice")
         return value
+
+    @model_validator(mode="after")
+    def _remote_console_has_a_key(self) -> ProjectConfig:
+        if self.console.enabled and self.console.remote and self.api_key is None and not self.api_keys:
+            raise ValueError("console.remote needs the project's api_key (or api_keys): browsers on other "
+                             "machines log in with it")
+        return self
 
     @model_validator(mode="after")
     def _body_fits_a_frame(self) -> ProjectConfig:

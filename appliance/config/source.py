@@ -192,9 +192,10 @@ def doc_data_at(doc: YamlDocument, prefix: Path_) -> Any:
     return data
 
 
-def validation_problems(doc: YamlDocument, error: ValidationError, model: type[BaseModel],
+def validation_problems(doc: YamlDocument, error: ValidationError, model: Any,
                         prefix: Path_ = ()) -> list[Problem]:
-    """Turn pydantic's errors into located problems, with 'did you mean' for misspelt keys."""
+    """Turn pydantic's errors into located problems, with 'did you mean' for misspelt keys. ``model`` is the
+    model validated, or an annotated union of models (a discriminated one, as a model spec's task classes)."""
     problems = []
     for item in error.errors(include_url=False):
         loc = tuple(item["loc"])

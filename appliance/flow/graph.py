@@ -1,4 +1,5 @@
-"""Compile a validated flow into an executable graph: edges, cycles and branch structure, all errors at once.
+"""Compile a validated flow into an executable graph: each node's own checks and the branch structure, all
+errors at once (its edges and cycles were checked with the flow file, config/flow.py).
 
 Branches follow PEKAT (PROTOCOL.md 7): a node with several successors forks; the branches run on copies
 of the context and are merged where they all meet again (the fork's nearest common successor), or at the
@@ -7,11 +8,10 @@ end of the flow. A node where only some branches of a fork meet has no defined m
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 
 from appliance.config.flow import FlowSpec
-from appliance.config.source import Problem, YamlDocument
+from appliance.config.source import Problem
 from appliance.nodes import NODE_TYPES
 from appliance.nodes.base import Node, NodeEnvironment
 
@@ -25,52 +25,6 @@ class FlowGraph:
     # For each fork (and ROOT when there are several first nodes): where its branches merge; None = at the end.
     merge_at: dict[str, str | None] = field(default_factory=dict)
     roots: list[str] = field(default_factory=list)
-
-
-def edge_problems(doc: YamlDocument, edges: dict[str, list[str]]) -> list[Problem]:
-    """Dangling, self and repeated edges, from every node's `next` list (even nodes whose settings failed)."""
-    problems = []
-    ids = list(edges)
-    for node_id, targets in edges.items():
-        seen: set[str] = set()
-        for index, target in enumerate(targets):
-            path = ("nodes", node_id, "next", index)
-            if target not in edges:
-                close = difflib.get_close_matches(str(target), ids, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                problems.append(doc.problem(path, f"unknown node '{target}'{hint}"))
-            elif target == node_id:
-                problems.append(doc.problem(path, f"cycle {node_id} -> {node_id}"))
-            elif target in seen:
-                problems.append(doc.problem(path, f"'{target}' is listed twice"))
-            seen.add(target)
-    successors = {n: [t for t in targets if t in edges and t != n] for n, targets in edges.items()}
-    return problems + _cycle_problems(doc, successors)
-
-
-def _cycle_problems(doc: YamlDocument, successors: dict[str, list[str]]) -> list[Problem]:
-    problems, state = [], dict.fromkeys(successors, 0)  # 0 new, 1 on the current path, 2 done
-    reported: set[frozenset[str]] = set()
-
-    def visit(node: str, path: list[str]) -> None:
-        state[node] = 1
-        path.append(node)
-        for target in successors[node]:
-            if state[target] == 1:
-                cycle = path[path.index(target):]
-                if frozenset(cycle) not in reported and len(cycle) > 1:
-                    reported.add(frozenset(cycle))
-                    text = " -> ".join([*cycle, target])
-                    problems.append(doc.problem(("nodes", cycle[0], "next"), f"cycle {text}"))
-            elif state[target] == 0:
-                visit(target, path)
-        path.pop()
-        state[node] = 2
-
-    for node in successors:
-        if state[node] == 0:
-            visit(node, [])
-    return problems
 
 
 def _merge_points(successors: dict[str, list[str]], roots: list[str]) -> dict[str, str | None]:
@@ -147,7 +101,7 @@ def compile_flow(spec: FlowSpec, env: NodeEnvironment) -> tuple[FlowGraph | None
     """Check every node's own needs and the branch structure of a flow whose edges validated; build the nodes."""
     problems = []
     for node_id, settings in spec.nodes.items():
-        node_type = NODE_TYPES[settings.type]
+        node_type = NODE_TYPES[settings.type].implementation
         for path, message in node_type.check(settings, env):
             problems.append(spec.doc.problem(("nodes", node_id, *path), message))
     if problems:
@@ -155,7 +109,7 @@ def compile_flow(spec: FlowSpec, env: NodeEnvironment) -> tuple[FlowGraph | None
     successors = {node_id: list(s.next) for node_id, s in spec.nodes.items()}
     has_predecessor = {t for targets in successors.values() for t in targets}
     roots = [n for n in spec.nodes if n not in has_predecessor]
-    nodes = {node_id: NODE_TYPES[s.type](node_id, s, env) for node_id, s in spec.nodes.items()}
+    nodes = {node_id: NODE_TYPES[s.type].implementation(node_id, s, env) for node_id, s in spec.nodes.items()}
     graph = FlowGraph(nodes, successors, _merge_points(successors, roots), roots)
     problems += _structure_problems(spec, graph)
     return (None if problems else graph), problems

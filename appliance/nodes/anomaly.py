@@ -8,30 +8,14 @@ The node sets `score` and `threshold`; an evaluate@1 rule (`score_below`) turns 
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 import cv2
 import numpy as np
-from pydantic import Field, NonNegativeInt, PositiveFloat
 
 from appliance.context import Context
-from appliance.nodes.base import ModelNodeSettings, Node, NodeEnvironment, NodeError, requested, stored_spec
+from appliance.nodes.base import Node, NodeEnvironment, NodeError, requested, spec_of, stored_spec
+from appliance.nodes.settings import AnomalySettings
 from appliance.runtime.models import ModelSlot
-
-
-class AnomalySettings(ModelNodeSettings):
-    type: Literal["anomaly@1"]
-    threshold: PositiveFloat | None = Field(None, description="image-score threshold instead of the model's")
-    pixel_threshold: PositiveFloat | None = None
-    min_area: NonNegativeInt = Field(16, description="smallest region reported, in pixels of the node's image")
-    label: str = "anomaly"
-    color: str = Field("#ff0000", pattern=r"^#[0-9a-fA-F]{6}$")
-
-
-def _output_names(outputs: Any) -> tuple[str, str]:
-    if isinstance(outputs, dict):
-        return str(outputs.get("score", "pred_score")), str(outputs.get("map", "anomaly_map"))
-    return "pred_score", "anomaly_map"
+from appliance.runtime.spec import AnomalySpec
 
 
 class Anomaly(Node[AnomalySettings]):
@@ -43,7 +27,7 @@ class Anomaly(Node[AnomalySettings]):
     def check(cls, settings: AnomalySettings, env: NodeEnvironment) -> list[tuple[tuple[str | int, ...], str]]:
         if set(settings.overrides) - {"threshold"}:
             return [(("overrides",), "anomaly@1 takes only `threshold` from a request")]
-        spec, problems = stored_spec(settings.model, env, ("anomaly",))
+        spec, problems = stored_spec(settings.model, env, AnomalySpec)
         if spec is None:
             return problems
         if spec.threshold is None and settings.threshold is None:
@@ -71,13 +55,13 @@ class Anomaly(Node[AnomalySettings]):
         interpolation = cv2.INTER_AREA if height * width > model_h * model_w else cv2.INTER_LINEAR
         batch = cv2.resize(image, (model_w, model_h), interpolation=interpolation)[None]
         outputs = loaded.infer(batch)
-        score_name, map_name = _output_names(loaded.spec.outputs)
-        score = float(np.asarray(outputs[score_name]).reshape(-1)[0])
-        raw_map = np.asarray(outputs[map_name], np.float32)
+        spec = spec_of(loaded, AnomalySpec)
+        score = float(np.asarray(outputs[spec.outputs.score]).reshape(-1)[0])
+        raw_map = np.asarray(outputs[spec.outputs.map], np.float32)
         anomaly_map: np.ndarray = raw_map.reshape(raw_map.shape[-2], raw_map.shape[-1])
-        threshold = requested(ctx, self.settings, "threshold", self.settings.threshold or loaded.spec.threshold)
+        threshold = requested(ctx, self.settings, "threshold", self.settings.threshold or spec.threshold)
         assert threshold is not None  # check() refuses a model without one
-        pixel_threshold = self.settings.pixel_threshold or loaded.spec.pixel_threshold or threshold
+        pixel_threshold = self.settings.pixel_threshold or spec.pixel_threshold or threshold
         ctx["score"], ctx["threshold"] = score, float(threshold)
         ctx.setdefault("models", []).append({"node": self.id, "model": loaded.name, "version": loaded.version,
                                             "device": loaded.device})

@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from appliance.runtime.spec import LabelSpec, ModelSpec, read_spec, spec_tasks
+from appliance.runtime.store import StoreError, resolve_version
+
 if TYPE_CHECKING:
     from appliance.config.project import ProjectConfig
     from appliance.context import Context
-    from appliance.runtime.models import Runtime
-    from appliance.runtime.spec import LabelSpec, ModelSpec
+    from appliance.runtime.models import LoadedModel, Runtime
 
 
 class NodeSettings(BaseModel):
@@ -20,9 +22,9 @@ class NodeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: str
+    type: str = Field(description="the node type and its version, `name@N`")
     next: list[str] = Field(default_factory=list, description="ids of the nodes that follow this one")
-    description: str = ""
+    description: str = Field("", description="a note for people; the flow ignores it")
 
 
 # Query parameters a request may set for a node, when the node lists them in `overrides` (the flow decides).
@@ -41,22 +43,32 @@ class ModelNodeSettings(NodeSettings):
 Problems = list[tuple[tuple[str | int, ...], str]]
 
 
-def stored_spec(name: str, env: NodeEnvironment, tasks: tuple[str, ...], field: str = "model"
-                ) -> tuple[ModelSpec | None, Problems]:
-    """The spec of model ``name``'s current version in the project's store, or the problem (at ``field``) that
-    it is missing, unverifiable or of another task; for model nodes' `check`."""
-    from appliance.runtime.spec import read_spec
-    from appliance.runtime.store import StoreError, resolve_version
+SpecT = TypeVar("SpecT", bound=ModelSpec)
 
+
+def stored_spec(name: str, env: NodeEnvironment, kind: type[SpecT], field: str = "model",
+                tasks: tuple[str, ...] | None = None) -> tuple[SpecT | None, Problems]:
+    """The typed spec of model ``name``'s current version in the project's store, or the problem (at ``field``)
+    that it is missing, unverifiable or of another task than ``tasks`` (default: every task of ``kind``); for
+    model nodes' `check`."""
+    tasks = tasks or spec_tasks(kind)
     store = env.project_dir / env.config.models_dir
     try:
         spec = read_spec(resolve_version(store, name))
     except StoreError as error:
         return None, [((field,), f"{error}; put a version in {store / name}/<version>/ "
                                  "(network, spec.yaml, manifest.json) and name it in its `current` file")]
-    if spec.task not in tasks:
+    if spec.task not in tasks or not isinstance(spec, kind):
         return None, [((field,), f"model '{name}' is a {spec.task} model, not a {' or '.join(tasks)} model")]
     return spec, []
+
+
+def spec_of(loaded: LoadedModel, kind: type[SpecT]) -> SpecT:
+    """The loaded version's spec as ``kind``; a NodeError when a switch brought a model of another task."""
+    if not isinstance(loaded.spec, kind):
+        raise NodeError(f"model '{loaded.name}' version {loaded.version} is a {loaded.spec.task} model, not a "
+                        f"{' or '.join(spec_tasks(kind))} model")
+    return loaded.spec
 
 
 def requested(ctx: Context, settings: NodeSettings, name: Overridable, configured: Any) -> Any:

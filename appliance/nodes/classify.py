@@ -14,31 +14,16 @@ the verdict.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import cv2
 import numpy as np
-from pydantic import Field, PositiveInt
 
 from appliance.context import Context
-from appliance.nodes.base import ModelNodeSettings, Node, NodeEnvironment, NodeError, label_name, requested, stored_spec
+from appliance.nodes.base import Node, NodeEnvironment, NodeError, label_name, requested, stored_spec
+from appliance.nodes.settings import ClassifySettings
 from appliance.runtime.models import LoadedModel, ModelSlot
-from appliance.runtime.spec import LabelSpec
-
-
-class ClassifySettings(ModelNodeSettings):
-    type: Literal["classify@1"]
-    threshold: float = Field(0.5, ge=0, le=1, description="score a label needs to be predicted")
-    thresholds: dict[str, float] = Field(default_factory=dict, description="per label name, instead of threshold")
-    max_predictions: PositiveInt = Field(5, description="predicted (and discarded) labels listed at most")
-    show_discarded: bool = Field(False, description="also list the best labels under their threshold")
-    # stretch: the whole image to the model's input; center_crop: the largest centred square first (how
-    # ImageNet models were evaluated); the image's edges are then not seen.
-    fit: Literal["stretch", "center_crop"] = "stretch"
-    # auto: probabilities when the outputs already are (all in 0..1, summing to 1 for exclusive labels).
-    activation: Literal["auto", "softmax", "sigmoid", "none"] = "auto"
-    only: list[int | str] = Field(default_factory=list, description="label ids or names this node may answer "
-                                  "with; empty: all. Scores are not renormalised over them")
+from appliance.runtime.spec import ClassifySpec, LabelSpec
 
 
 def _crop_centre(image: np.ndarray) -> np.ndarray:
@@ -68,7 +53,7 @@ class Classify(Node[ClassifySettings]):
 
     @classmethod
     def check(cls, settings: ClassifySettings, env: NodeEnvironment) -> list[tuple[tuple[str | int, ...], str]]:
-        spec, problems = stored_spec(settings.model, env, ("classify",))
+        spec, problems = stored_spec(settings.model, env, ClassifySpec)
         if spec is None:
             return problems
         names = {label.name for label in spec.labels}

@@ -20,13 +20,13 @@ import traceback
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import Field, PositiveFloat
 
 from appliance.context import DROPPED, PRIVATE_KEYS, Context, clean_json
-from appliance.nodes.base import Node, NodeEnvironment, NodeError, NodeSettings
+from appliance.nodes.base import Node, NodeEnvironment, NodeError
+from appliance.nodes.settings import CodeSettings
 from appliance.threads import started_pool
 
 log = logging.getLogger("appliance.hooks")
@@ -36,15 +36,6 @@ REPORTED_FAILURES_MAX = 256
 STREAM_CAP = 64 * 1024
 # Keys a hook must leave in place for the nodes after it (RELIABILITY 7.6).
 REQUIRED_KEYS = ("image", "detectedRectangles", "errors", "data", "imageShape")
-
-
-class CodeSettings(NodeSettings):
-    type: Literal["code@1"]
-    module: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="file <module>.py in the code folder")
-    function: str = Field("main", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    form: dict[str, Any] = Field(default_factory=dict, description="settings passed as the hook's second argument")
-    on_error: Literal["fail", "continue"] = "fail"
-    timeout_s: PositiveFloat | None = None
 
 
 class HookFailed(NodeError):

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import cv2
 
 from appliance.context import Context
-from appliance.nodes.base import Node, NodeSettings
-
-
-class ColorSettings(NodeSettings):
-    type: Literal["color@1"]
-    to: Literal["gray", "bgr"]
+from appliance.nodes.base import Node
+from appliance.nodes.settings import ColorSettings
 
 
 class Color(Node[ColorSettings]):

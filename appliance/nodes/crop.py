@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
-from pydantic import NonNegativeInt, PositiveInt
 
 from appliance.context import Context
-from appliance.nodes.base import Node, NodeError, NodeSettings
-
-
-class CropSettings(NodeSettings):
-    type: Literal["crop@1"]
-    x: NonNegativeInt
-    y: NonNegativeInt
-    width: PositiveInt
-    height: PositiveInt
-    # A fixed camera sometimes delivers a smaller frame (binning, a misconfigured ROI on the camera): by
-    # default that is a flow error, or the part could pass uninspected; `clip` keeps what overlaps.
-    outside: Literal["error", "clip"] = "error"
+from appliance.nodes.base import Node, NodeError
+from appliance.nodes.settings import CropSettings
 
 
 class Crop(Node[CropSettings]):

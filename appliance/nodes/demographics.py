@@ -13,31 +13,23 @@ class's probability), `gender` (`female` or `male`) and `gender_score` (its prob
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import cv2
 import numpy as np
-from pydantic import Field
 
 from appliance.context import Context
 from appliance.face_chips import chip_padding, face_chip
-from appliance.nodes.base import Node, NodeEnvironment, NodeError, NodeSettings, Problems, stored_spec
+from appliance.nodes.base import Node, NodeEnvironment, NodeError, Problems, spec_of, stored_spec
+from appliance.nodes.settings import DemographicsSettings
 from appliance.runtime.models import LoadedModel, ModelSlot
-from appliance.runtime.spec import ModelSpec
+from appliance.runtime.spec import AgeOutputs, DemographicsSpec
 
 
-class DemographicsSettings(NodeSettings):
-    type: Literal["demographics@1"]
-    age_model: str = Field("age", min_length=1, description="age network in the project's store (81 classes)")
-    gender_model: str = Field("gender", min_length=1, description="gender network in the project's store")
-    device: str | None = Field(None, description="OpenVINO device for both models instead of the profile's")
-
-
-def _check_role(spec: ModelSpec | None, name: str, role: str, field: str) -> Problems:
-    outputs = spec.outputs if spec is not None and isinstance(spec.outputs, dict) else {}
-    if spec is not None and outputs.get("role") != role:
+def _check_role(spec: DemographicsSpec | None, name: str, role: str, field: str) -> Problems:
+    if spec is not None and spec.outputs.role != role:
         return [((field,), f"model '{name}' is not an {role} model (its spec's outputs.role is "
-                           f"{outputs.get('role')!r})")]
+                           f"{spec.outputs.role!r})")]
     return []
 
 
@@ -49,7 +41,7 @@ class Demographics(Node[DemographicsSettings]):
         problems: Problems = []
         for field, role in (("age_model", "age"), ("gender_model", "gender")):
             name = getattr(settings, field)
-            spec, found = stored_spec(name, env, ("demographics",), field)
+            spec, found = stored_spec(name, env, DemographicsSpec, field)
             problems += found or _check_role(spec, name, role, field)
         return problems
 
@@ -64,7 +56,7 @@ class Demographics(Node[DemographicsSettings]):
     @staticmethod
     def _probabilities(loaded: LoadedModel, chip: np.ndarray) -> np.ndarray:
         outputs = loaded.infer(chip[None])
-        wanted = str((loaded.spec.outputs or {}).get("probabilities") or loaded.output_names[0])
+        wanted = spec_of(loaded, DemographicsSpec).outputs.probabilities or loaded.output_names[0]
         return outputs.get(wanted, outputs[loaded.output_names[0]]).reshape(-1).astype(np.float64)
 
     def run(self, ctx: Context) -> None:
@@ -76,7 +68,11 @@ class Demographics(Node[DemographicsSettings]):
         image = ctx["image"]
         if image.ndim == 2:
             image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-        age_weights = np.asarray((age.spec.outputs or {}).get("age_weights") or [0.25, *range(1, 81)], float)
+        age_outputs = spec_of(age, DemographicsSpec).outputs
+        if not isinstance(age_outputs, AgeOutputs):
+            raise NodeError(f"model '{age.name}' version {age.version} is a {age_outputs.role} model, not an age "
+                            "model")
+        age_weights = np.asarray(age_outputs.age_weights, float)
         genders = {label.id: label.name for label in gender.spec.labels}
         for face in faces:
             keypoints = face.get("keypoints") if isinstance(face, dict) else None

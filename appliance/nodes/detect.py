@@ -22,22 +22,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import ClassVar, TypeVar
 
 import cv2
 import numpy as np
-from pydantic import Field
 
 from appliance.context import Context
-from appliance.nodes.base import ModelNodeSettings, Node, NodeEnvironment, NodeError, label_name, requested, stored_spec
+from appliance.nodes.base import Node, NodeEnvironment, NodeError, label_name, requested, spec_of, stored_spec
+from appliance.nodes.settings import DetectionSettings, DetectSettings
 from appliance.runtime.models import LoadedModel, ModelSlot
-from appliance.runtime.spec import LabelSpec, ModelSpec
+from appliance.runtime.spec import DECODERS, Anchors, BoxFormat, DecoderName, DetectSpec, LabelSpec
 from appliance.runtime.store import StoreError
-
-DecoderName = Literal["ssd", "yolo", "yolo_transposed", "separate", "blazeface"]
-DECODERS: tuple[str, ...] = DecoderName.__args__  # type: ignore[attr-defined]
-BoxFormat = Literal["xyxy", "yxyx", "xywh", "cxcywh"]
-BOX_FORMATS: tuple[str, ...] = BoxFormat.__args__  # type: ignore[attr-defined]
 
 # What each decoder's models were trained with, used where neither the node nor the spec says otherwise:
 # YOLO and BlazeFace see letterboxed inputs in training, SSD exports usually stretched ones; MediaPipe merges
@@ -46,23 +41,6 @@ _FAMILY_FIT = {"ssd": "stretch", "separate": "stretch", "yolo": "letterbox", "yo
                "blazeface": "letterbox"}
 _FAMILY_IOU = {"blazeface": 0.3}
 _DEFAULT_IOU = 0.45
-
-
-class DetectionSettings(ModelNodeSettings):
-    """What every node built on a detection model sets (detect@1, faces@1)."""
-
-    decoder: DecoderName | None = Field(None, description="output layout instead of the spec's outputs.decoder")
-    confidence: float | None = Field(None, ge=0, le=1, description="score a box needs; default: the spec's "
-                                     "threshold, else 0.5")
-    iou: float | None = Field(None, gt=0, le=1, description="overlap above which NMS keeps only the best box; "
-                              "default 0.3 for BlazeFace, else 0.45")
-    max_labels: int = Field(100, ge=1, le=1000, description="boxes kept at most, the best first")
-    fit: Literal["auto", "stretch", "letterbox"] = Field(
-        "auto", description="how the image meets the model input: stretched, or scaled with black borders "
-                            "(aspect kept); auto: letterbox for yolo and blazeface, stretch for ssd and separate")
-    nms: Literal["auto", "hard", "weighted"] = Field(
-        "auto", description="weighted: a kept box becomes the score-weighted mean of those it suppressed; "
-                            "auto: weighted for blazeface, hard otherwise")
 
 
 @dataclass(frozen=True)
@@ -211,20 +189,17 @@ def decode_blazeface(regressors: np.ndarray, logits: np.ndarray, anchors: np.nda
 class OutputDecoder:
     """The decoder of one loaded model: which outputs it reads, and its anchors when it has any."""
 
-    def __init__(self, spec: ModelSpec, output_names: list[str], decoder: str | None = None):
-        config: dict[str, Any] = spec.outputs if isinstance(spec.outputs, dict) else {}
-        kind = decoder or config.get("decoder")
-        if kind not in DECODERS:
+    def __init__(self, spec: DetectSpec, output_names: list[str], decoder: DecoderName | None = None):
+        kind = decoder or spec.outputs.decoder
+        if kind is None:
             raise ValueError(f"no output decoder: set `decoder` ({', '.join(DECODERS)}) on the node or "
                              f"outputs.decoder in spec.yaml (got {kind!r})")
-        self.kind: str = kind
+        self.kind: DecoderName = kind
         self.input_size = spec.input.size
-        self.config = config
+        self.config = spec.outputs
         self.output_names = output_names
-        self.box_format: BoxFormat = config.get("box_format", "xyxy")
-        if self.box_format not in BOX_FORMATS:
-            raise ValueError(f"outputs.box_format must be one of {', '.join(BOX_FORMATS)}, got {self.box_format!r}")
-        self.normalized = bool(config.get("normalized", True))
+        self.box_format: BoxFormat = spec.outputs.box_format
+        self.normalized = spec.outputs.normalized
         self.anchors: np.ndarray | None = None
 
     @property
@@ -241,7 +216,7 @@ class OutputDecoder:
 
     def _output(self, outputs: dict[str, np.ndarray], key: str, required: bool = True) -> np.ndarray | None:
         """The output the spec names under ``key``; else one named ``key``; else the only output."""
-        name = self.config.get(key)
+        name = getattr(self.config, key)
         if name is None:
             if key in outputs:
                 name = key
@@ -264,10 +239,9 @@ class OutputDecoder:
             return decode_separate(boxes, scores, self._output(outputs, "labels", required=False),
                                    self.box_format, self.normalized, self.input_size)
         if self.anchors is None:
-            anchors = self.config.get("anchors") or {}
+            anchors = self.config.anchors or Anchors()
             count = boxes.reshape(-1, boxes.shape[-1]).shape[0] if boxes.ndim else 0
-            self.anchors = blazeface_anchors(self.input_size, list(anchors.get("strides", [])),
-                                             float(anchors.get("offset", 0.5)), count)
+            self.anchors = blazeface_anchors(self.input_size, list(anchors.strides), anchors.offset, count)
         return decode_blazeface(boxes, scores, self.anchors, self.input_size)
 
     def _require(self, outputs: dict[str, np.ndarray], key: str) -> np.ndarray:
@@ -370,7 +344,7 @@ class DetectionNode(Node[SettingsT]):
 
     @classmethod
     def check(cls, settings: SettingsT, env: NodeEnvironment) -> list[tuple[tuple[str | int, ...], str]]:
-        spec, problems = stored_spec(settings.model, env, cls.tasks)
+        spec, problems = stored_spec(settings.model, env, DetectSpec, tasks=cls.tasks)
         if spec is None:
             return problems
         try:
@@ -380,7 +354,7 @@ class DetectionNode(Node[SettingsT]):
         return cls.check_labels(settings, spec)
 
     @classmethod
-    def check_labels(cls, settings: SettingsT, spec: ModelSpec) -> list[tuple[tuple[str | int, ...], str]]:
+    def check_labels(cls, settings: SettingsT, spec: DetectSpec) -> list[tuple[tuple[str | int, ...], str]]:
         return []
 
     def prepare(self) -> None:
@@ -399,7 +373,7 @@ class DetectionNode(Node[SettingsT]):
         kept as one tuple, replaced in one assignment, as frames of the old version may still be running."""
         current = getattr(self, "_version", None)
         if current is None or current[0] is not loaded:
-            current = (loaded, OutputDecoder(loaded.spec, loaded.output_names, self.settings.decoder),
+            current = (loaded, OutputDecoder(spec_of(loaded, DetectSpec), loaded.output_names, self.settings.decoder),
                        {label.id: label for label in loaded.spec.labels})
             self._version = current
         return current[1], current[2]
@@ -463,18 +437,11 @@ class DetectionNode(Node[SettingsT]):
                 for (x0, y0, x1, y1), score, class_id, keypoints in zip(kept, scores, class_ids, pairs, strict=True)]
 
 
-class DetectSettings(DetectionSettings):
-    type: Literal["detect@1"]
-    labels: list[str] | None = Field(None, description="label names to keep (the spec's default names); "
-                                     "default: every label")
-    class_agnostic: bool = Field(False, description="suppress overlapping boxes whatever their class")
-
-
 class Detect(DetectionNode[DetectSettings]):
     settings_model = DetectSettings
 
     @classmethod
-    def check_labels(cls, settings: DetectSettings, spec: ModelSpec) -> list[tuple[tuple[str | int, ...], str]]:
+    def check_labels(cls, settings: DetectSettings, spec: DetectSpec) -> list[tuple[tuple[str | int, ...], str]]:
         known = {label.name for label in spec.labels}
         return [(("labels", index), f"model '{settings.model}' has no label '{name}'"
                                     f"{' (labels: ' + ', '.join(sorted(known)) + ')' if known else ''}")

@@ -5,65 +5,11 @@ Each outcome is also listed in `context["evaluation"]`, so an operator can see w
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
+from typing import Any
 
 from appliance.context import Context
-from appliance.nodes.base import Node, NodeSettings
-
-
-class _Rule(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class NoRectangles(_Rule):
-    """No rectangle (of `label`, or of any label) may be present."""
-
-    rule: Literal["no_rectangles"]
-    label: str | None = None
-
-
-class MaxRectangles(_Rule):
-    rule: Literal["max_rectangles"]
-    count: NonNegativeInt
-    label: str | None = None
-
-
-class MinRectangles(_Rule):
-    rule: Literal["min_rectangles"]
-    count: NonNegativeInt
-    label: str | None = None
-
-
-class ScoreBelow(_Rule):
-    """`context["score"]` must be below `threshold`, or below `context["threshold"]` when none is given."""
-
-    rule: Literal["score_below"]
-    threshold: float | None = None
-
-
-class TopClass(_Rule):
-    """The best label predicted by a classify@1 node (the last one, or `node`) is one of `labels`."""
-
-    rule: Literal["top_class"]
-    labels: list[str] = Field(min_length=1)
-    node: str | None = None
-
-
-class KeyEquals(_Rule):
-    rule: Literal["key_equals"]
-    key: str = Field(min_length=1)
-    value: Any
-
-
-Rule = Annotated[NoRectangles | MaxRectangles | MinRectangles | ScoreBelow | TopClass | KeyEquals,
-                 Field(discriminator="rule")]
-
-
-class EvaluateSettings(NodeSettings):
-    type: Literal["evaluate@1"]
-    rules: list[Rule] = Field(min_length=1)
+from appliance.nodes.base import Node
+from appliance.nodes.settings import EvaluateSettings, MaxRectangles, MinRectangles, NoRectangles, ScoreBelow, TopClass
 
 
 def _label(rectangle: Any) -> Any:

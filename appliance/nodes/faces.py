@@ -18,31 +18,16 @@ Every face is also listed in `faces` for the nodes that follow (demographics@1, 
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import cv2
 import numpy as np
-from pydantic import Field, PositiveInt
 
 from appliance.context import Context
 from appliance.nodes.base import label_name
-from appliance.nodes.detect import Detection, DetectionNode, DetectionSettings
+from appliance.nodes.detect import Detection, DetectionNode
+from appliance.nodes.settings import FacesSettings
 
 Region = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels of the node's image, x1 and y1 exclusive
-
-
-class FacesSettings(DetectionSettings):
-    type: Literal["faces@1"]
-    mode: Literal["pixel", "fill", "black", "box", "none"] = Field(
-        "pixel", description="how the faces are anonymised; none: not at all (detection only)")
-    block: PositiveInt | None = Field(None, description="pixel mode: block side in pixels; default: an eighth "
-                                      "of the region's width (at least 4), so every face is about 8 blocks wide")
-    color: str | None = Field(None, pattern=r"^#[0-9a-fA-F]{6}$", description="fill colour (fill, default "
-                              "#000000) or frame colour (box, default the label's colour)")
-    thickness: PositiveInt = Field(2, description="box mode: line width in pixels")
-    margin: float = Field(0.1, ge=0, le=2, description="added on each side of the face box, as a fraction of "
-                          "its width (left, right) and height (top, bottom): BlazeFace boxes end at the "
-                          "forehead and the chin")
 
 
 def _bgr(hex_colour: str) -> tuple[int, int, int]:

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import cv2
 import numpy as np
 
 from appliance.context import Context
-from appliance.nodes.base import Node, NodeSettings
+from appliance.nodes.base import Node
+from appliance.nodes.settings import FlipSettings
 
 _CODES = {"horizontal": 1, "vertical": 0, "both": -1}
-
-
-class FlipSettings(NodeSettings):
-    type: Literal["flip@1"]
-    direction: Literal["horizontal", "vertical", "both"]
 
 
 class Flip(Node[FlipSettings]):

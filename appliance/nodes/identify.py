@@ -14,27 +14,16 @@ enrol` needs no restart.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import Field
 
 from appliance.context import Context
 from appliance.face_chips import chip_padding, face_chip
-from appliance.faces_gallery import DEFAULT_DESCRIPTOR_MODEL, DEFAULT_FOLDER, Gallery
-from appliance.nodes.base import ModelNodeSettings, Node, NodeEnvironment, stored_spec
+from appliance.faces_gallery import Gallery
+from appliance.nodes.base import Node, NodeEnvironment, stored_spec
+from appliance.nodes.settings import IdentifySettings
 from appliance.runtime.models import ModelSlot
-
-
-class IdentifySettings(ModelNodeSettings):
-    type: Literal["identify@1"]
-    model: str = Field(DEFAULT_DESCRIPTOR_MODEL, min_length=1, description="face descriptor model in the store")
-    gallery: str = Field(DEFAULT_FOLDER, min_length=1, description="folder of enrolled people, relative to the "
-                         "project folder: one <name>.npy (N x 128 descriptors) per person")
-    # dlib's network was trained so that one person's descriptors lie within 0.6 of each other; 0.6 is where
-    # bench/identity_quality.py measured no false accept on its set (docs/models.md).
-    max_distance: float = Field(0.6, gt=0, le=2, description="largest euclidean distance to an enrolled "
-                                "descriptor that still names the person")
+from appliance.runtime.spec import FeaturesSpec
 
 
 class Identify(Node[IdentifySettings]):
@@ -42,7 +31,7 @@ class Identify(Node[IdentifySettings]):
 
     @classmethod
     def check(cls, settings: IdentifySettings, env: NodeEnvironment) -> list[tuple[tuple[str | int, ...], str]]:
-        spec, problems = stored_spec(settings.model, env, ("features",))
+        spec, problems = stored_spec(settings.model, env, FeaturesSpec)
         if spec is not None and spec.input.size[0] != spec.input.size[1]:
             problems.append((("model",), f"model '{settings.model}' takes {spec.input.size[1]}x{spec.input.size[0]} "
                                          "images; a face descriptor model takes square chips"))

@@ -2,32 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 
 from appliance.context import Context
-from appliance.nodes.base import Node, NodeSettings
-
-
-class MaskRectangle(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    x: NonNegativeInt
-    y: NonNegativeInt
-    width: PositiveInt
-    height: PositiveInt
-
-
-class MaskSettings(NodeSettings):
-    type: Literal["mask@1"]
-    rectangles: list[MaskRectangle] = Field(default_factory=list)
-    polygons: list[Annotated[list[tuple[int, int]], Field(min_length=3)]] = Field(
-        default_factory=list, description="each a list of at least 3 [x, y] points")
-    fill: tuple[int, int, int] = (0, 0, 0)
-    # Keep what is inside the shapes instead of blacking it out.
-    invert: bool = False
+from appliance.nodes.base import Node
+from appliance.nodes.settings import MaskSettings
 
 
 class Mask(Node[MaskSettings]):

@@ -21,58 +21,27 @@ import math
 import re
 import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import cv2
 import numpy as np
-from pydantic import Field, PositiveInt
 
 from appliance.context import Context
-from appliance.nodes.base import Node, NodeEnvironment, NodeError, NodeSettings, Overridable, requested
+from appliance.nodes.base import Node, NodeEnvironment, NodeError, requested
+from appliance.nodes.settings import MAX_REC_WIDTH, OcrSettings
 from appliance.runtime.devices import core
 from appliance.runtime.models import InputShape, LoadedModel, ModelSlot
-from appliance.runtime.spec import read_spec
+from appliance.runtime.spec import OcrSpec, read_spec
 from appliance.runtime.store import StoreError, network_file, resolve_version
 
 REC_HEIGHT = 48  # the PP-OCR recogniser and angle classifier are trained on lines 48 px high
 CLS_WIDTH = 192
 REC_BATCH = 6  # lines per recogniser call: sorted by width, so little padding is computed
-MAX_REC_WIDTH = 2048  # a 42:1 line; wider boxes are squeezed (and are rarely one line of text)
 MAX_CANDIDATES = 1000  # regions of the probability map looked at, as a bound on the time per frame
 MIN_SIDE = 3.0  # detector pixels: thinner regions are noise, not text
 # Pixel value 128 is 0 after the recogniser's (x/255 - 0.5)/0.5: the padding the models were run with.
 PAD_GREY = 128
 SPACE_GAP = 1.2  # see ctc_greedy
-
-
-class OcrSettings(NodeSettings):
-    type: Literal["ocr@1"]
-    det_model: str = Field("ocr_det", min_length=1, description="text detector (DB) in the project's store")
-    rec_model: str = Field("ocr_rec", min_length=1, description="text recogniser (CTC) in the project's store")
-    cls_model: str = Field("ocr_cls", min_length=1, description="0/180 degree line classifier, with angle_classifier")
-    angle_classifier: bool = Field(False, description="turn lines the classifier finds upside down")
-    device: str | None = Field(None, description="OpenVINO device for the three models instead of the profile's")
-    overrides: list[Overridable] = Field(default_factory=list, description="query parameters a request may set: "
-                                         "threshold (box), min_confidence (text), max_labels (lines)")
-    # dynamic: the detector sees the image at its aspect ratio and lines are read at their length (CPU, GPU);
-    # static: a det_limit square (the image letterboxed) and lines of rec_width (what an NPU needs).
-    shapes: Literal["auto", "dynamic", "static"] = Field("auto", description="auto: static on an NPU")
-    det_limit: int = Field(736, ge=32, le=4096, description="longer side of the image as the detector sees it")
-    rec_width: int = Field(320, ge=48, le=MAX_REC_WIDTH, description="static: width every line is read at; "
-                           "dynamic: the least width (lines are padded to it)")
-    text_threshold: float = Field(0.3, gt=0, lt=1, description="probability above which a pixel is text")
-    threshold: float = Field(0.5, ge=0, le=1, description="mean text probability a box needs")
-    unclip_ratio: float = Field(1.6, gt=0, le=5, description="growth of each box: area * ratio / perimeter")
-    crop_margin: float = Field(0.25, ge=0, le=1, description="background read above and below each box, "
-                               "in line heights")
-    min_confidence: float = Field(0.5, ge=0, le=1, description="recognition confidence a line needs")
-    space_threshold: float = Field(0.2, gt=0, le=1, description="probability of the space class between two "
-                                   "words at which a space is read although blank wins (1: plain greedy)")
-    cls_threshold: float = Field(0.9, gt=0.5, le=1, description="probability of 180 degrees that turns a line")
-    max_labels: PositiveInt = Field(50, le=1000, description="lines kept at most (the most confident)")
-    expected: str | None = Field(None, min_length=1, description="regular expression a line or the whole text "
-                                 "must match in full; else ocr_match is false and the result NG")
-    color: str = Field("#00c0ff", pattern=r"^#[0-9a-fA-F]{6}$")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -300,9 +269,8 @@ class Ocr(Node[OcrSettings]):
                                            "spec.yaml, manifest.json) and name it in its `current` file "
                                            "(`make models` installs ocr_det, ocr_rec and ocr_cls)"))
                 continue
-            given = spec.outputs.get("role") if isinstance(spec.outputs, dict) else None
-            if spec.task != "ocr" or (given is not None and given != role):
-                what = f"an OCR {given}" if spec.task == "ocr" else f"a {spec.task} model"
+            if not isinstance(spec, OcrSpec) or spec.outputs.role != role:
+                what = f"an OCR {spec.outputs.role}" if isinstance(spec, OcrSpec) else f"a {spec.task} model"
                 problems.append(((field,), f"model '{name}' is {what}, not an OCR {role}"))
         return problems
 

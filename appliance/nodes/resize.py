@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import cv2
 import numpy as np
-from pydantic import PositiveFloat, PositiveInt, model_validator
 
 from appliance.context import Context
-from appliance.nodes.base import Node, NodeSettings
-
-
-class ResizeSettings(NodeSettings):
-    type: Literal["resize@1"]
-    width: PositiveInt | None = None
-    height: PositiveInt | None = None
-    scale: PositiveFloat | None = None
-
-    @model_validator(mode="after")
-    def _one_way(self) -> ResizeSettings:
-        if (self.scale is None) == (self.width is None and self.height is None):
-            raise ValueError("give either scale, or width and/or height (one missing side keeps the aspect ratio)")
-        return self
+from appliance.nodes.base import Node
+from appliance.nodes.settings import ResizeSettings
 
 
 class Resize(Node[ResizeSettings]):

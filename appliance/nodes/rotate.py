@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import cv2
 import numpy as np
 
 from appliance.context import Context
-from appliance.nodes.base import Node, NodeSettings
+from appliance.nodes.base import Node
+from appliance.nodes.settings import RotateSettings
 
 _EXACT = {90: cv2.ROTATE_90_COUNTERCLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_CLOCKWISE}
-
-
-class RotateSettings(NodeSettings):
-    type: Literal["rotate@1"]
-    angle: float
-    # Arbitrary angles: grow the canvas so no corner is cut off (True), or keep the original size.
-    expand: bool = True
-    fill: tuple[int, int, int] = (0, 0, 0)
 
 
 class Rotate(Node[RotateSettings]):

@@ -9,26 +9,16 @@ probability; the foreground probability is the heat map; `surfaceClasses` sums a
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import cv2
 import numpy as np
-from pydantic import Field, NonNegativeInt
 
 from appliance.context import Context
-from appliance.nodes.base import ModelNodeSettings, Node, NodeEnvironment, NodeError, label_name, requested, stored_spec
+from appliance.nodes.base import Node, NodeEnvironment, NodeError, label_name, requested, stored_spec
+from appliance.nodes.settings import SegmentSettings
 from appliance.runtime.models import LoadedModel, ModelSlot
-from appliance.runtime.spec import LabelSpec
-
-
-class SegmentSettings(ModelNodeSettings):
-    type: Literal["segment@1"]
-    threshold: float = Field(0.5, ge=0, le=1, description="probability a pixel needs to belong to a class")
-    min_area: NonNegativeInt = Field(16, description="smallest region reported, in pixels of the node's image")
-    background: int | None = Field(0, description="class id that is not a region (null: every class is)")
-    max_labels: int = Field(100, ge=1, description="regions reported at most, the largest first")
-    # auto: probabilities when the maps already are (all in 0..1), else softmax over classes (sigmoid for C = 1).
-    activation: Literal["auto", "softmax", "sigmoid", "none"] = "auto"
+from appliance.runtime.spec import LabelSpec, SegmentSpec
 
 
 def class_probabilities(maps: np.ndarray, activation: str) -> np.ndarray:
@@ -67,7 +57,7 @@ class Segment(Node[SegmentSettings]):
 
     @classmethod
     def check(cls, settings: SegmentSettings, env: NodeEnvironment) -> list[tuple[tuple[str | int, ...], str]]:
-        return stored_spec(settings.model, env, ("segment",))[1]
+        return stored_spec(settings.model, env, SegmentSpec)[1]
 
     def prepare(self) -> None:
         assert self.env.runtime is not None

@@ -1,1 +1,1 @@
-"""OpenVINO runtime side of the appliance: devices, pretrained-model supply, torch-free weights and backbones."""
+"""OpenVINO runtime side of the appliance: devices, the model store and its specs, loaded models and their swaps."""

@@ -25,16 +25,15 @@ from appliance.errors import (
 )
 from appliance.outputs import OUTPUT_TYPES
 from appliance.project import Project
-from appliance.runtime.store import StoreError
 from appliance.server import core
-from appliance.server.acquisition import Acquisition
+from appliance.server.acquisition import ACQUISITION, Acquisition, trigger_source
 from appliance.server.auth import require_key
 from appliance.server.body import CLOSE, media_type, read_body, read_form
-from appliance.server.core import REQUEST_API, REQUEST_ID, STATE, ServerState
+from appliance.server.core import REQUEST_API, REQUEST_ID, ROUTE_OWNERS, STATE, ServerState, dialect_of, queue_depth
 from appliance.server.dialects import DIALECTS
 from appliance.server.dialects.base import Dialect
 from appliance.server.dialects.pekat import params
-from appliance.server.reload import RELOADS, Reloads
+from appliance.server.reload import RELOADS, Reloads, switch_version
 from appliance.sources import SOURCE_TYPES
 from appliance.telemetry.logs import redact_query
 from appliance.telemetry.metrics import Metrics
@@ -51,38 +50,22 @@ REJECTION_REASONS = {400: "bad_input", 415: "bad_input", 401: "unauthorized", 40
                      413: "too_large"}
 # How often the pointer follower reads the models' `current` pointers (RELIABILITY 12.1).
 DEFAULT_POINTER_POLL_S = 2.0
-ACQUISITION = web.AppKey("acquisition", Acquisition)
-# route resource -> the dialect that owns it (every route of the app is in it).
-ROUTE_OWNERS = web.AppKey("route_owners", dict)
 
 
 class Core(Dialect):
     """The core's own routes: health, metrics and model switching, in every project whatever APIs it serves."""
 
     name = "core"
-    prefixes = ("/health", "/metrics", "/models/", "/faces/")
+    prefixes = ("/health", "/metrics", "/models/", "/faces/", "/sources/")
 
     def routes(self) -> list[web.RouteDef]:
         routes = [web.get("/health", health), web.get("/health/live", health_live),
                   web.get("/health/ready", health_ready), web.post("/models/switch", switch_model),
-                  web.post("/faces/enrol", enrol_face, expect_handler=core.expect_continue)]
+                  web.post("/faces/enrol", enrol_face, expect_handler=core.expect_continue),
+                  web.post("/sources/{name}/trigger", trigger_source)]
         if self.state.project.config.metrics.enabled:
             routes.append(web.get("/metrics", metrics_page))
         return routes
-
-
-def dialect_of(request: web.Request) -> Dialect:
-    """The dialect of the route the request matched; for an unknown path or method, the API whose prefix it has,
-    else the project's first API."""
-    state = request.app[STATE]
-    resource = request.match_info.route.resource
-    owner = request.app[ROUTE_OWNERS].get(resource) if resource is not None else None
-    if owner is not None:
-        return owner
-    for dialect in state.dialects.values():
-        if any(request.path.startswith(prefix) for prefix in dialect.prefixes):
-            return dialect
-    return next(iter(state.dialects.values()))
 
 
 def _route_name(request: web.Request) -> str:
@@ -182,15 +165,9 @@ async def health_live(request: web.Request) -> web.Response:
 async def health_ready(request: web.Request) -> web.Response:
     state = request.app[STATE]
     project = state.project
-    if state.draining:
-        raise ServiceUnavailable("not ready: shutting down")
-    if not state.ready:
-        raise ServiceUnavailable(f"not ready: preparing the flow's nodes ({project.ready_nodes} of "
-                                 f"{project.node_count} ready)")
-    limit = project.config.limits.max_stuck_hooks
-    if project.stuck_hooks >= limit:
-        raise ServiceUnavailable(f"not ready: {project.stuck_hooks} Code hooks are stuck (limit {limit}); "
-                                 "restart the service")
+    problem = core.readiness_problem(state)
+    if problem is not None:
+        raise ServiceUnavailable(problem)
     return web.json_response({"status": "ready", "project": project.name, "nodes": project.node_count})
 
 
@@ -239,21 +216,7 @@ async def switch_model(request: web.Request) -> web.Response:
     require_key(request, query, state.project.api_keys)
     name = params.text(query, "model")
     version = params.text(query, "version")
-    loop = asyncio.get_running_loop()
-    # One change at a time (a reload, the pointer follower): the slots switched are the serving project's.
-    async with request.app[RELOADS].lock:
-        runtime = state.project.runtime
-        if not any(slot.name == name for slot in runtime.slots.values()):
-            known = ", ".join(sorted({slot.name for slot in runtime.slots.values()})) or "none"
-            raise BadRequest(f"model '{name}' is not used by this project's flow; models: {known}")
-        try:
-            # Compiling takes seconds: a thread of its own, never a worker that frames are waiting for. The
-            # pointer is written before the swap, under the model's lock: the answer below is never undone.
-            previous = await loop.run_in_executor(None, runtime.switch, name, version)
-        except StoreError as error:
-            log.error("model %s: version %s not loaded, the old one keeps serving: %s", name, version, error)
-            raise BadRequest(str(error)) from None
-        state.metrics.describe_models(runtime)
+    previous = await switch_version(request.app, name, version)
     return web.json_response({"status": 200, "message": f"model {name}: {previous} -> {version}",
                               "data": {"model": name, "version": version, "previous": previous}})
 
@@ -321,15 +284,6 @@ async def _follow_model_pointers(app: web.Application) -> None:
                     state.metrics.describe_models(runtime)
 
 
-def queue_depth(project: Project, workers: int) -> int:
-    """The configured depth, else 2 x the inference slots of the flow's loaded models (RELIABILITY 8), else
-    2 x the worker threads (no model, or before the models are loaded)."""
-    if project.config.limits.queue_depth:
-        return project.config.limits.queue_depth
-    model_slots = [slot.current.slots for slot in project.runtime.slots.values() if slot.current is not None]
-    return 2 * (max(model_slots) if model_slots else workers)
-
-
 def create_app(project: Project, *, stop_key: str | None = None, workers: int | None = None) -> web.Application:
     limits = project.config.limits
     slots = workers or max(1, os.cpu_count() or 1)
@@ -351,6 +305,10 @@ def create_app(project: Project, *, stop_key: str | None = None, workers: int | 
         kind = DIALECTS[name]
         settings = kind.settings_model.model_validate(project.config.api_settings.get(name, {}))
         state.dialects[name] = kind(state, settings)
+    if project.config.console.enabled:
+        from appliance.console import Console  # the operator console at /console/, off unless enabled
+
+        state.dialects["console"] = Console(state, project.config.console)
     owners: dict[web.AbstractResource, Dialect] = {}
     for served in [*state.dialects.values(), Core(state, Core.settings_model())]:
         before = set(app.router.resources())

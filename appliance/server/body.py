@@ -54,7 +54,10 @@ async def read_body(request: web.Request, limits: Limits) -> bytes | bytearray:
     check_declared_size(request, limits)
     try:
         async with asyncio.timeout(limits.body_read_timeout_s):
-            if request.content_length:
+            # A compressed body (Content-Encoding: gzip, deflate, as tritonclient sends on request) arrives
+            # inflated by aiohttp: its Content-Length counts the compressed bytes, so it is read whole, under
+            # client_max_size (= max_body_bytes) inflated.
+            if request.content_length and "Content-Encoding" not in request.headers:
                 return await _read_declared(request, request.content_length)
             return await request.read()
     except TimeoutError:

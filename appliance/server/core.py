@@ -9,11 +9,12 @@ import asyncio
 import ipaddress
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from aiohttp import web
 
 from appliance import frames
@@ -57,6 +58,9 @@ class ServerState:
     # Where each inspection's result goes besides the answer (project.yaml `outputs`), started with the app.
     outputs: list[Output] = field(default_factory=list)
     inspections: int = 0
+    # Called in the worker with (input frame, context, capability) after each inspection (the console's live
+    # view, gallery and frame collection): each must only hand the references on, never encode or write here.
+    observers: list[Callable[[np.ndarray, Context, str | None], None]] = field(default_factory=list)
     semaphore: asyncio.Semaphore = field(init=False)
     code_nodes: frozenset[str] = field(init=False)
 
@@ -69,6 +73,31 @@ class ServerState:
 
 
 STATE = web.AppKey("state", ServerState)
+# route resource -> the dialect that owns it (every route of the app is in it).
+ROUTE_OWNERS = web.AppKey("route_owners", dict)
+
+
+def dialect_of(request: web.Request) -> Dialect:
+    """The dialect of the route the request matched; for an unknown path or method, the API whose prefix it has,
+    else the project's first API."""
+    state = request.app[STATE]
+    resource = request.match_info.route.resource
+    owner = request.app[ROUTE_OWNERS].get(resource) if resource is not None else None
+    if owner is not None:
+        return owner
+    for dialect in state.dialects.values():
+        if any(request.path.startswith(prefix) for prefix in dialect.prefixes):
+            return dialect
+    return next(iter(state.dialects.values()))
+
+
+def queue_depth(project: Project, workers: int) -> int:
+    """The configured depth, else 2 x the inference slots of the flow's loaded models (RELIABILITY 8), else
+    2 x the worker threads (no model, or before the models are loaded)."""
+    if project.config.limits.queue_depth:
+        return project.config.limits.queue_depth
+    model_slots = [slot.current.slots for slot in project.runtime.slots.values() if slot.current is not None]
+    return 2 * (max(model_slots) if model_slots else workers)
 # Set by the access log for each request: its id (X-Request-Id) and the API of its route.
 REQUEST_ID = web.RequestKey("request_id", str)
 REQUEST_API = web.RequestKey("api", str)
@@ -104,6 +133,20 @@ def admit(state: ServerState) -> None:
         # HTTP allows whole seconds only (RELIABILITY 8.1): the time to work off the queue, at least 1.
         retry = max(1, math.ceil(state.waiting * state.service_seconds / state.slots))
         raise ServiceUnavailable(f"busy: queue of {state.queue_depth} is full", headers={"Retry-After": str(retry)})
+
+
+def readiness_problem(state: ServerState) -> str | None:
+    """Why the server is not ready (what GET /health/ready and KServe's /v2/health/ready answer 503 with), or
+    None when it is."""
+    project = state.project
+    if state.draining:
+        return "not ready: shutting down"
+    if not state.ready:
+        return f"not ready: preparing the flow's nodes ({project.ready_nodes} of {project.node_count} ready)"
+    limit = project.config.limits.max_stuck_hooks
+    if project.stuck_hooks >= limit:
+        return f"not ready: {project.stuck_hooks} Code hooks are stuck (limit {limit}); restart the service"
+    return None
 
 
 def frame_size_allowed(state: ServerState, width: int, height: int) -> None:
@@ -157,10 +200,13 @@ async def in_worker(request: web.Request | None, state: ServerState, work: Calla
 async def inspect(request: web.Request | None, state: ServerState, decode: Callable[[], frames.Frame],
                   render: Callable[[Inspection], Answer], *, data: str = "", options: dict[str, Any] | None = None,
                   capability: str | None = None, started: float | None = None,
-                  received: float | None = None, source: str | None = None) -> Answer:
+                  received: float | None = None, source: str | None = None,
+                  offer_after: Awaitable[None] | None = None) -> Answer:
     """Decode a frame, run the project's flow (or a capability's flow) on it and render the answer, all in a
     worker thread. ``options``: the validated node overrides and ``lang`` (see nodes/base.py `requested`);
-    ``started``/``received``: when the request arrived and its body was read, for the stage metrics."""
+    ``started``/``received``: when the request arrived and its body was read, for the stage metrics;
+    ``offer_after``: done when the previous frame of the same camera has reached the outputs (they get a camera's
+    results in its frame order, even when two of its frames are inspected at once)."""
     project = state.project
     stages = state.metrics.stages
     started = time.perf_counter() if started is None else started
@@ -176,6 +222,8 @@ async def inspect(request: web.Request | None, state: ServerState, decode: Calla
         encoding = time.perf_counter()
         stages["flow"].observe(encoding - inspecting)
         state.last = ctx
+        for observer in state.observers:
+            observer(frame.image, ctx, capability)
         state.metrics.verdicts.labels("ok" if ctx.get("result") else "ng").inc()
         state.metrics.observe_scores(ctx, project, capability)
         for error in ctx.get("errors", []):
@@ -197,23 +245,27 @@ async def inspect(request: web.Request | None, state: ServerState, decode: Calla
         return await in_worker(request, state, work)
     finally:
         # Also when the client left before its answer: the part was inspected, the line must hear of it.
+        if offer_after is not None:
+            await offer_after
         for message in messages:
+            # Counted here, on the event loop, so the counter rises in the order the outputs send.
+            state.inspections += 1
+            message = replace(message, counter=state.inspections,
+                              request_id=message.request_id or f"{origin}-{state.inspections}")
             for output in state.outputs:
                 output.offer(message)
 
 
 def output_message(inspection: Inspection, state: ServerState, request_id: str, source: str) -> Message:
-    """What the outputs carry about one inspection (built in the worker; offered on the event loop)."""
-    state.inspections += 1
+    """What the outputs carry about one inspection (built in the worker; counted and offered on the event loop)."""
     labels = [label.name for label in inspection.labels if label.predicted]
     labels += [box.label for box in inspection.rectangles if box.label and box.label not in labels]
-    return Message(result=inspection.verdict, request_id=request_id or f"{source}-{state.inspections}",
+    return Message(result=inspection.verdict, request_id=request_id,
                    timestamp=time.time(), project=state.project.name, score=inspection.score,
                    threshold=inspection.threshold, rectangles=len(inspection.rectangles), labels=tuple(labels),
                    text="\n".join(line.text for line in inspection.text),
                    data=str(inspection.context.get("data") or ""),
-                   models=tuple(dict(model) for model in inspection.models), source=source,
-                   counter=state.inspections)
+                   models=tuple(dict(model) for model in inspection.models), source=source)
 
 
 def response(answer: Answer) -> web.Response:
@@ -224,8 +276,6 @@ def response(answer: Answer) -> web.Response:
 async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     """Refuse an oversized upload before inviting it with `100 Continue` (RELIABILITY 2.9); the answer is in the
     shape of the route's API."""
-    from appliance.server.app import dialect_of
-
     state = request.app[STATE]
     try:
         check_declared_size(request, state.project.config.limits)

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from appliance.errors import ConfigError
+from appliance.errors import BadRequest, ConfigError
 from appliance.project import Project
 from appliance.runtime.store import StoreError
-from appliance.server.core import ServerState
+from appliance.server.core import STATE, ServerState, queue_depth
 from appliance.telemetry.systemd import Notifier
 
 log = logging.getLogger("appliance.reload")
@@ -50,6 +50,27 @@ class Reloads:
 
 
 RELOADS = web.AppKey("reloads", Reloads)
+
+
+async def switch_version(app: web.Application, name: str, version: str) -> str | None:
+    """Load ``version`` of model ``name`` beside the running one and swap (POST /models/switch, the console);
+    returns the version it replaced. One change at a time (a reload, the pointer follower): the slots switched
+    are the serving project's."""
+    state = app[STATE]
+    async with app[RELOADS].lock:
+        runtime = state.project.runtime
+        if not any(slot.name == name for slot in runtime.slots.values()):
+            known = ", ".join(sorted({slot.name for slot in runtime.slots.values()})) or "none"
+            raise BadRequest(f"model '{name}' is not used by this project's flow; models: {known}")
+        try:
+            # Compiling takes seconds: a thread of its own, never a worker that frames are waiting for. The
+            # pointer is written before the swap, under the model's lock: the answer is never undone.
+            previous = await asyncio.get_running_loop().run_in_executor(None, runtime.switch, name, version)
+        except StoreError as error:
+            log.error("model %s: version %s not loaded, the old one keeps serving: %s", name, version, error)
+            raise BadRequest(str(error)) from None
+        state.metrics.describe_models(runtime)
+    return previous
 
 
 def request_reload(state: ServerState, reloads: Reloads, notifier: Notifier) -> None:
@@ -127,8 +148,6 @@ async def reload_project(state: ServerState, reloads: Reloads, notifier: Notifie
 def _install(state: ServerState, new: Project) -> None:
     """Put the reloaded project in place: what the server derives from the project first, the project last, with
     no await in between (a request reads `state.project` once and keeps that project to its end)."""
-    from appliance.server.app import queue_depth
-
     new.runtime.take_over()
     state.code_nodes = frozenset(node.id for node in new.nodes if node.settings.type == "code@1")
     state.queue_depth = queue_depth(new, state.slots)

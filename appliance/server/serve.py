@@ -16,8 +16,8 @@ from aiohttp import web
 
 from appliance.project import Project
 from appliance.runtime.store import StoreError
-from appliance.server.app import create_app, queue_depth
-from appliance.server.core import STATE, ServerState
+from appliance.server.app import create_app
+from appliance.server.core import STATE, ServerState, queue_depth
 from appliance.server.reload import RELOADS, request_reload, start_pending
 from appliance.telemetry.systemd import Notifier
 from appliance.threads import started_pool

@@ -6,6 +6,7 @@ from typing import Any
 
 from appliance.sources.base import Source
 from appliance.sources.folder import FolderSource
+from appliance.sources.genicam import GenicamSource
 from appliance.sources.video import VideoSource
 
 SOURCE_TYPES: dict[str, type[Source[Any]]] = {
@@ -13,5 +14,6 @@ SOURCE_TYPES: dict[str, type[Source[Any]]] = {
     for kind in (
         FolderSource,
         VideoSource,
+        GenicamSource,
     )
 }

@@ -14,12 +14,14 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+from appliance.errors import ApplianceError
 
 log = logging.getLogger("appliance.sources")
 
@@ -49,6 +51,8 @@ class Acquired:
     frame_id: str
     timestamp: float  # seconds since the epoch, as the source stamped the frame (else when it was read)
     path: str | None = None  # a file the frame came from (folder sources move it after inspection)
+    # More of the source's own facts for `context["data"]`, e.g. a camera's timestamp on its own clock.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class SourceMetrics(Protocol):
@@ -90,6 +94,12 @@ class Source(Generic[SettingsT]):
 
     def done(self, frame: Acquired, result: bool | None) -> None:
         """After the frame's inspection (None when it failed), on the event loop; e.g. move the file."""
+
+    def trigger(self) -> int:
+        """Take one frame now (`POST /sources/{name}/trigger`; called in a thread, it may block on the device);
+        returns the triggers sent so far. Only a camera in software-trigger mode can; the others answer 409."""
+        raise ApplianceError(f"source {self.name} ({self.settings.type}) takes no triggers; a genicam source with "
+                             "`trigger: software` does", status=409)
 
     # --- the acquisition loop -----------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-import cv2
 from pydantic import Field
 
 from appliance.sources.base import Acquired, Source, SourceSettings
@@ -41,6 +40,9 @@ class FolderSource(Source[FolderSettings]):
         self._seen: set[str] = set()
 
     def frames(self) -> Iterator[Acquired]:
+        # Imported here: loading a project's configuration reads these settings and must not import OpenCV.
+        import cv2
+
         sizes: dict[str, tuple[int, float]] = {}
         while not self.stopping:
             if not self.folder.is_dir():

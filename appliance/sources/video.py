@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import cv2
 from pydantic import Field
 
 from appliance.sources.base import Acquired, Source, SourceSettings
+
+if TYPE_CHECKING:
+    import cv2
 
 
 class VideoSettings(SourceSettings):
@@ -27,6 +29,9 @@ class VideoSource(Source[VideoSettings]):
     capture: cv2.VideoCapture | None = None
 
     def open(self) -> None:
+        # Imported here: loading a project's configuration reads these settings and must not import OpenCV.
+        import cv2
+
         url = self.settings.url
         self.capture = cv2.VideoCapture(url)
         if not self.capture.isOpened():
@@ -37,6 +42,8 @@ class VideoSource(Source[VideoSettings]):
             self.capture.set(cv2.CAP_PROP_FRAME_HEIGHT, self.settings.height)
 
     def frames(self) -> Iterator[Acquired]:
+        import cv2
+
         assert self.capture is not None
         period = 1 / self.settings.rate if self.settings.rate else 0.0
         next_at = time.monotonic()

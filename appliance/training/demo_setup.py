@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from appliance.runtime.store import read_current
-from appliance.training import anomaly, segment
+from appliance.training.cli import anomaly_main, segment_main
 from appliance.training.defects import KINDS
 from appliance.training.demo_parts import bad_parts, good_parts, write_demo_images
 
@@ -51,7 +51,7 @@ def set_up(project_dir: Path, retrain: bool = False, backbone: Path | None = Non
     argv = ["--good", str(images / "good"), "--out", str(model_dir)]
     if backbone is not None:
         argv += ["--backbone", str(backbone)]
-    return anomaly.main(argv)
+    return anomaly_main(argv)
 
 
 SURFACE_MODEL = "surface"
@@ -90,7 +90,7 @@ def set_up_surface(project_dir: Path, retrain: bool = False, backbone: Path | No
             "--val-images", str(images / "check"), "--val-masks", str(images / "check_masks"), "--out", str(model_dir)]
     if backbone is not None:
         argv += ["--backbone", str(backbone)]
-    return segment.main(argv)
+    return segment_main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

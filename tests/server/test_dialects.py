@@ -164,6 +164,9 @@ def test_an_error_renders_through_the_dialect_of_its_route(tmp_path):
             answer = dialect.error_response(NotFound("no frame"))
             shapes[name] = (answer.status, json.loads(answer.body) if answer.body else None)
         assert shapes["pekat"] == (404, {"status": 404, "message": "no frame", "data": None})
-        assert len({json.dumps(shape[1], sort_keys=True) for shape in shapes.values()}) == len(shapes)
+        # KServe's shape is Deepomatic's by both APIs' definitions: {"error": "..."}.
+        assert shapes["kserve"] == shapes["deepomatic"] == (404, {"error": "no frame"})
+        distinct = [shape for name, shape in shapes.items() if name != "kserve"]
+        assert len({json.dumps(shape[1], sort_keys=True) for shape in distinct}) == len(distinct)
 
     served(project, check)

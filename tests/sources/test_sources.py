@@ -104,6 +104,44 @@ def test_a_video_faster_than_the_flow_drops_frames_and_counts_them(tmp_path):
         peer.stop()
 
 
+def test_two_frames_inspected_at_once_reach_the_outputs_in_the_cameras_order(tmp_path):
+    """A reject gate shifts parts in the order they pass: a fast frame finishing before the slow one acquired
+    before it must still come second, with the counter rising in that order."""
+    peer = Peer(free_port())
+    peer.start()
+    video = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (64, 48))
+    for index in range(12):
+        writer.write(np.full((48, 64, 3), 220 if index % 2 else 20, np.uint8))
+    writer.release()
+    slow_dark = BRIGHTNESS.replace("time.sleep(form.get('sleep', 0))",
+                                   "time.sleep(0.3 if context['image'].mean() < 100 else 0)")
+    project = write_project(tmp_path / "p", flow(), hooks={"brightness": slow_dark},
+                            outputs=[{**tcp_output(peer), "template": "$verdict;$counter;$data"}],
+                            sources=[{"type": "video", "name": "cam", "url": str(video), "rate": 5,
+                                      "in_flight": 2}])
+    server = start_server(project)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            health = requests.get(f"{server.url}/health", timeout=10).json()["sources"]["cam"]
+            if health["acquired"] >= 12 and len(peer.lines) >= health["acquired"] - health["dropped"]:
+                break
+            time.sleep(0.1)
+        lines = [line.split(";", 2) for line in peer.lines]
+        frames = [int(json.loads(data)["frame_id"]) for _, _, data in lines]
+        verdicts = [verdict for verdict, _, _ in lines]
+        # A frame each 200 ms (ids count from 1); dark ones (odd ids) take 300 ms, bright ones none: each bright
+        # frame, acquired while the dark one before it is inspected, finishes first.
+        assert sum(frame + 1 in frames for frame in frames if frame % 2 == 1) >= 3, frames
+        assert frames == sorted(frames), frames
+        assert [int(counter) for _, counter, _ in lines] == list(range(1, len(lines) + 1))
+        assert verdicts == ["NG" if frame % 2 else "OK" for frame in frames]
+    finally:
+        server.stop()
+        peer.stop()
+
+
 def test_a_camera_that_is_not_there_is_reported_and_tried_again(tmp_path):
     project = write_project(tmp_path / "p", flow(), hooks={"brightness": BRIGHTNESS},
                             sources=[{"type": "video", "name": "cam", "url": str(tmp_path / "unplugged.avi")}])

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.runtime.model_supply import supply
-from appliance.training.anomaly import BACKBONE, default_backbone
+from appliance.supply.model_supply import supply
 from appliance.training.defects import textures
+from appliance.training.features import BACKBONE, default_backbone
 
 REPO = Path(__file__).resolve().parents[2]
 

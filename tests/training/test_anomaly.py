@@ -12,22 +12,17 @@ import pytest
 import yaml
 
 from appliance.runtime.models import LoadedModel, RuntimeOptions
-from appliance.runtime.spec import read_spec
-from appliance.runtime.store import read_current, verify_manifest
-from appliance.training import anomaly
-from appliance.training.anomaly import (
-    TrainedAnomaly,
-    auroc,
-    compile_anomaly_model,
-    f1_threshold,
-    main,
-    predict,
-    save_anomaly_model,
-    train_anomaly,
-    youden_threshold,
-)
+from appliance.runtime.spec import AnomalySpec, read_spec
+from appliance.runtime.store import StoreError, read_current, verify_manifest
+from appliance.training.anomaly import STAGES, TrainedAnomaly, train_anomaly
+from appliance.training.bank import Bank, local_radius2
+from appliance.training.cli import anomaly_main as main
 from appliance.training.defects import add_defect
 from appliance.training.demo_parts import bad_parts, good_parts, write_demo_images
+from appliance.training.export import save_anomaly_model
+from appliance.training.features import FEATURE_CHANNELS, compile_f32, feature_model
+from appliance.training.metrics import auroc, f1_threshold, youden_threshold
+from appliance.training.scoring import leave_out_maps, predict, scoring_model
 from tests.training.conftest import brick_crop
 
 
@@ -39,12 +34,13 @@ def brick_model(backbone_xml: Path) -> TrainedAnomaly:
 
 @pytest.fixture(scope="module")
 def brick_request(brick_model: TrainedAnomaly) -> ov.InferRequest:
-    return compile_anomaly_model(brick_model.model).create_infer_request()
+    return compile_f32(brick_model.model).create_infer_request()
 
 
 def test_saved_model_has_the_spec_manifest_and_current_pointer(brick_model: TrainedAnomaly, tmp_path: Path) -> None:
     model_dir = tmp_path / "models" / "surface"
-    assert save_anomaly_model(brick_model, model_dir, source={"test": "brick"}) == "1"
+    source = {"good": "brick crops", "good_images": [f"crop_{i}" for i in range(10)]}
+    assert save_anomaly_model(brick_model, model_dir, source=source) == "1"
     version_dir = model_dir / "1"
     assert sorted(p.name for p in version_dir.iterdir()) == ["manifest.json", "model.bin", "model.xml", "spec.yaml"]
     verify_manifest(version_dir)
@@ -62,12 +58,15 @@ def test_saved_model_has_the_spec_manifest_and_current_pointer(brick_model: Trai
     training = spec["training"]
     assert training["images"] == 10 and training["backbone"] == "efficientnet_lite0/1"
     assert 0 < training["seconds"] < 30 and "blocks.2+blocks.4" in training["recipe"]
-    assert training["metrics"]["bank_size"] == 1024 and spec["source"] == {"test": "brick"}
+    assert training["metrics"]["bank_size"] == 1024 and spec["source"] == source
     # The runtime's own reader accepts it, and the next save is version 2 with current moved to it.
-    assert read_spec(version_dir).threshold == pytest.approx(brick_model.threshold, rel=1e-5)
+    typed = read_spec(version_dir)
+    assert isinstance(typed, AnomalySpec) and typed.outputs.map == "anomaly_map"
+    assert typed.threshold == pytest.approx(brick_model.threshold, rel=1e-5)
     assert save_anomaly_model(brick_model, model_dir) == "2" and read_current(model_dir) == "2"
-    with pytest.raises(anomaly.AnomalyTrainingError, match="never overwritten"):
+    with pytest.raises(StoreError, match=r"model 'surface' version 1 exists .*never overwritten"):
         save_anomaly_model(brick_model, model_dir, version="1")
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2", "current"]  # no staging folder left
 
 
 def test_stored_graph_takes_u8_frames_and_gives_anomalib_outputs(brick_model: TrainedAnomaly, tmp_path: Path) -> None:
@@ -85,14 +84,14 @@ def test_stored_graph_takes_u8_frames_and_gives_anomalib_outputs(brick_model: Tr
     loaded = LoadedModel("surface", tmp_path / "m" / "1", RuntimeOptions("CPU", {"INFERENCE_PRECISION_HINT": "f32"}))
     image = cv2.cvtColor(brick_crop(256, np.random.default_rng(9)), cv2.COLOR_GRAY2BGR)
     result = loaded.infer(image[None])
-    request = compile_anomaly_model(model).create_infer_request()
+    request = compile_f32(model).create_infer_request()
     score, anomaly_map = predict(request, image)
     assert float(result["pred_score"][0]) == pytest.approx(score, rel=1e-4)
     assert float(anomaly_map.max()) == pytest.approx(score, rel=1e-6)
 
 
 def test_compiled_model_is_pinned_to_f32(brick_model: TrainedAnomaly) -> None:
-    compiled = compile_anomaly_model(brick_model.model)
+    compiled = compile_f32(brick_model.model)
     assert compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
 
 
@@ -114,6 +113,9 @@ def test_metrics_report_leave_out_scores_and_timings(brick_model: TrainedAnomaly
     metrics = brick_model.metrics
     assert metrics["images"] == 10 and metrics["augmented_images"] == 80
     assert metrics["leave_out_scores"]["max"] < brick_model.threshold
+    # Each training image's own leave-one-out score, as the console's histogram shows them.
+    assert sorted(brick_model.leave_out_scores) == list(range(10))
+    assert max(brick_model.leave_out_scores.values()) == pytest.approx(metrics["leave_out_scores"]["max"], abs=1e-4)
     assert metrics["train_seconds"] > 0 and set(metrics["timings"]) >= {"features", "coreset", "leave_out"}
     assert metrics["threshold_rule"].startswith("good-only")
 
@@ -122,8 +124,8 @@ def test_leave_out_maps_match_the_graph_when_nothing_is_left_out(backbone_xml: P
     # The thresholds come from maps computed in numpy; they must be the graph's maps, or the thresholds drift.
     backbone = ov.Core().read_model(backbone_xml)
     image = cv2.cvtColor(brick_crop(0, np.random.default_rng(5)), cv2.COLOR_GRAY2BGR)
-    features_model = compile_anomaly_model(anomaly._feature_model(backbone, 256))
-    raw = features_model.create_infer_request().infer({0: image[None]})[0].reshape(1, 66, -1)
+    features_model = compile_f32(feature_model(backbone, 256))
+    raw = features_model.create_infer_request().infer({0: image[None]})[0].reshape(1, FEATURE_CHANNELS, -1)
     rng = np.random.default_rng(0)
     entries = raw[0][:, rng.choice(raw.shape[2], 64, replace=False)].T.copy()
     scale = np.ones(66, np.float32)
@@ -131,9 +133,9 @@ def test_leave_out_maps_match_the_graph_when_nothing_is_left_out(backbone_xml: P
     offset = np.zeros(66, np.float32)
     offset[-2:] = -3.0
     entries = entries * scale + offset
-    bank = anomaly._Bank(entries, anomaly._local_radius2(entries), scale, offset, np.zeros(64, np.int32))
-    expected = anomaly._leave_out_maps(raw, bank, 256)[0]
-    graph = compile_anomaly_model(anomaly._scoring_model(backbone, 256, bank))
+    bank = Bank(entries, local_radius2(entries), scale, offset, np.zeros(64, np.int32))
+    expected = leave_out_maps(raw, bank, 256)[0]
+    graph = compile_f32(scoring_model(backbone, 256, bank))
     score, anomaly_map = predict(graph, image)
     np.testing.assert_allclose(anomaly_map, expected, rtol=2e-3, atol=2e-3 * float(expected.max()))
     assert score == pytest.approx(float(expected.max()), rel=2e-3)
@@ -155,7 +157,7 @@ def test_validation_sets_choose_the_threshold_and_give_auroc(backbone_xml: Path)
 
 def test_demo_model_flags_every_bad_part_and_passes_fresh_good_ones(backbone_xml: Path) -> None:
     trained = train_anomaly(good_parts(12, seed=0), backbone_xml)
-    request = compile_anomaly_model(trained.model).create_infer_request()
+    request = compile_f32(trained.model).create_infer_request()
     bad_images, _ = bad_parts(6, seed=0)
     bad_scores = [predict(request, image)[0] for image in bad_images]
     assert min(bad_scores) > trained.threshold, (bad_scores, trained.threshold)
@@ -220,7 +222,10 @@ def test_threshold_choosers_on_hand_computed_cases() -> None:
 def test_good_validation_images_alone_join_the_good_only_rule(backbone_xml: Path) -> None:
     rng = np.random.default_rng(31)
     val_good = [brick_crop(256, rng) for _ in range(4)]
-    trained = train_anomaly([brick_crop(0, rng) for _ in range(4)], backbone_xml, val_good=val_good)
+    stages: list[str] = []
+    trained = train_anomaly([brick_crop(0, rng) for _ in range(4)], backbone_xml, val_good=val_good,
+                            progress=stages.append)
+    assert stages == list(STAGES)
     assert trained.metrics["threshold_rule"].endswith("and validation good scores")
     assert trained.threshold > trained.metrics["val_good_scores"]["max"]
     assert trained.pixel_threshold == trained.threshold and "image_auroc" not in trained.metrics

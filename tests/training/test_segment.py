@@ -11,11 +11,12 @@ import pytest
 import requests
 import yaml
 
-from appliance.training.anomaly import AnomalyTrainingError
+from appliance.training import TrainingError
+from appliance.training.cli import segment_main as main
 from appliance.training.defects import KINDS
 from appliance.training.demo_parts import good_parts
 from appliance.training.demo_setup import SURFACE_CHECK, SURFACE_MODEL, set_up_surface
-from appliance.training.segment import main, train_segmenter
+from appliance.training.segment import train_segmenter
 from tests.conftest import REPO, Server, start_server
 
 
@@ -69,9 +70,9 @@ def test_good_parts_pass(surface: Server) -> None:
 
 def test_masks_must_match_the_labels(backbone_xml: Path, tmp_path: Path) -> None:
     image = good_parts(1)[0]
-    with pytest.raises(AnomalyTrainingError, match="a mask holds class 3; labels are 1..2"):
+    with pytest.raises(TrainingError, match="a mask holds class 3; labels are 1..2"):
         train_segmenter([image], [np.full(image.shape[:2], 3, np.uint8)], ["a", "b"], backbone_xml)
-    with pytest.raises(AnomalyTrainingError, match="no mask marks any pixel"):
+    with pytest.raises(TrainingError, match="no mask marks any pixel"):
         train_segmenter([image], [np.zeros(image.shape[:2], np.uint8)], ["a"], backbone_xml)
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()

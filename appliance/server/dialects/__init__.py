@@ -5,6 +5,7 @@ from __future__ import annotations
 from appliance.server.dialects.base import Dialect
 from appliance.server.dialects.deepomatic import Deepomatic
 from appliance.server.dialects.imagerecognize import ImageRecognize
+from appliance.server.dialects.kserve import KServe
 from appliance.server.dialects.pekat import Pekat
 from appliance.server.dialects.raypack import Raypack
 
@@ -15,6 +16,7 @@ DIALECTS: dict[str, type[Dialect]] = {
         Deepomatic,
         ImageRecognize,
         Raypack,
+        KServe,
     )
 }
 DIALECT_NAMES = tuple(DIALECTS)

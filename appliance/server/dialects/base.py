@@ -11,14 +11,11 @@ import json
 from typing import ClassVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
+from appliance.config.apis import NoSettings
 from appliance.errors import ApplianceError, NotFound
 from appliance.server.core import ServerState
-
-
-class NoSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def status_message_body(status: int, message: str) -> bytes:
@@ -50,12 +47,17 @@ class Dialect:
         return NotFound(f"no endpoint at {request.path[:200]}; endpoints: {', '.join(self.endpoints())}")
 
     def error_response(self, error: ApplianceError) -> web.StreamResponse:
-        """The error in this API's shape; by default the core's {"status", "message", "data": null}."""
-        response = web.Response(body=status_message_body(error.status, error.message), status=error.status,
-                                content_type="application/json", headers=error.headers)
+        """The error as answered: in this API's shape, closing the connection when the error asks for it (a body
+        left unread)."""
+        response = self.render_error(error)
         if error.headers.get("Connection") == "close":
             response.force_close()
         return response
+
+    def render_error(self, error: ApplianceError) -> web.StreamResponse:
+        """The error in this API's shape; by default the core's {"status", "message", "data": null}."""
+        return web.Response(body=status_message_body(error.status, error.message), status=error.status,
+                            content_type="application/json", headers=error.headers)
 
     async def start(self) -> None:
         """Called once the app runs (e.g. to start a background task)."""

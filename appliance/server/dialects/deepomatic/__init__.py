@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 from multidict import MultiDict
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from appliance import frames
+from appliance.config.apis import DeepomaticSettings
 from appliance.config.project import Capabilities
 from appliance.errors import (
     ApplianceError,
@@ -67,17 +68,6 @@ BUSY_WAIT_S = 30.0
 
 # How long GET /tasks/{id}/ waits for a pending task to finish before answering `pending`.
 LONG_POLL_S = 2.0
-
-
-class DeepomaticSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # Hosts (`name` or `name:port`) whose http(s) image URLs the appliance fetches; any other URL is refused.
-    url_hosts: list[str] = Field(default_factory=list)
-    url_timeout_s: float = Field(5.0, gt=0, le=60)
-    max_inputs: int = Field(8, ge=1, le=64, description="images per inference request")
-    max_tasks: int = Field(10_000, ge=1, description="finished tasks kept for polling, the newest")
-    task_ttl_s: float = Field(3600.0, gt=0, description="seconds a task is kept for polling")
 
 
 @dataclass(frozen=True)
@@ -183,11 +173,8 @@ class Deepomatic(Dialect):
 
     # --- shape ---------------------------------------------------------------------------------------------
 
-    def error_response(self, error: ApplianceError) -> web.StreamResponse:
-        response = web.json_response({"error": error.message}, status=error.status, headers=error.headers)
-        if error.headers.get("Connection") == "close":
-            response.force_close()
-        return response
+    def render_error(self, error: ApplianceError) -> web.StreamResponse:
+        return web.json_response({"error": error.message}, status=error.status, headers=error.headers)
 
     def endpoints(self) -> list[str]:
         return sorted({route.path.rstrip("/") for route in self.routes() if "{tail" not in route.path})

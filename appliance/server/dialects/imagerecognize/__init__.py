@@ -19,9 +19,10 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
+from pydantic import BaseModel
 
 from appliance import frames
+from appliance.config.apis import ImageRecognizeSettings
 from appliance.errors import ApplianceError, BadRequest, PayloadTooLarge, UnsupportedMediaType
 from appliance.server import core
 from appliance.server.auth import key_name
@@ -56,19 +57,6 @@ DEFAULT_NSFW_MIN_CONFIDENCE = 50.0
 CONTENT_TYPE = "text/html; charset=UTF-8"
 # Reason phrases of the document's codes that HTTP does not name (aiohttp would send none).
 REASONS = {420: "Invalid type", 430: "Invalid parameter"}
-
-
-class ImageRecognizeSettings(BaseModel):
-    """project.yaml `api_settings.imagerecognize`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_file_bytes: PositiveInt = Field(52_428_800, description="413 above this (the document: 'Max size is 50Mb')")
-    daily_quota: NonNegativeInt | None = Field(None, description="analyses per key and day; None: unlimited")
-    quotas: dict[str, NonNegativeInt] = Field(default_factory=dict,
-                                              description="key name -> its own daily quota (replaces daily_quota)")
-    quota_file: str = Field("imagerecognize-quota.json", description="today's counts, relative to the project")
-    cache_size: NonNegativeInt = Field(100, le=10_000, description="results kept per key for type=cache")
 
 
 class ImageRecognizeError(ApplianceError):
@@ -290,7 +278,7 @@ class ImageRecognize(Dialect):
             routes.append(web.post(path, recognize, expect_handler=core.expect_continue))
         return routes
 
-    def error_response(self, error: ApplianceError) -> web.StreamResponse:
+    def render_error(self, error: ApplianceError) -> web.StreamResponse:
         """`{"status": N, "status_message": "...", "data": null}`, HTTP status N. The core's errors on these
         routes: too large -> 413, not a supported image -> 415, other bad input -> 430 with its message;
         503 (busy, deadline, shutting down), 408, 404, 405 and 500 keep their status."""
@@ -304,11 +292,8 @@ class ImageRecognize(Dialect):
                 status = 430
             elif status == 401:
                 message = MESSAGES[401]
-        response = _response(_json({"status": status, "status_message": message, "data": None}), status,
-                             {k: v for k, v in error.headers.items() if k != "WWW-Authenticate"})
-        if error.headers.get("Connection") == "close":
-            response.force_close()
-        return response
+        return _response(_json({"status": status, "status_message": message, "data": None}), status,
+                           {k: v for k, v in error.headers.items() if k != "WWW-Authenticate"})
 
     async def stop(self) -> None:
         await self.quota.flush()

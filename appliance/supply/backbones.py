@@ -3,13 +3,14 @@
 Both builders fold batch norm into the convolution weights and put the input conversion and
 normalisation inside the graph, so a caller hands over the OpenCV frame as it is:
 
-* input tensor ``input``: **u8, NHWC, BGR**, static 1x224x224x3 (``feature_extractor`` changes the size);
+* input tensor ``input``: **u8, NHWC, BGR**, static 1x224x224x3 (training's ``feature_extractor`` changes
+  the size);
 * the graph converts to f32, swaps BGR to RGB, normalises and transposes to NCHW
   (``ov.preprocess.PrePostProcessor``, so the steps show up in the IR and fuse into the first convolution).
 
 Every block output carries a tensor name (``blocks.0`` ... ``blocks.15`` for EfficientNet-lite0,
 ``features.0`` ... ``features.18`` for MobileNetV2), so ``model.add_outputs(["blocks.4"])`` or
-``feature_extractor`` can expose intermediate features.
+``feature_extractor`` (appliance/training/features.py) can expose intermediate features.
 """
 
 from __future__ import annotations
@@ -189,51 +190,3 @@ def _check_all_used(w: _Weights) -> None:
     unused = {k for k in w.state if k not in w.used and not k.endswith("num_batches_tracked")}
     if unused:
         raise ValueError(f"{w.network}: {len(unused)} weights not used by the graph, e.g. {sorted(unused)[:5]}")
-
-
-def tensor_names(model: ov.Model) -> list[str]:
-    """The named tensors of the graph in execution order (``stem``, ``blocks.0``, ...), input and results left out."""
-    names: list[str] = []
-    for op in model.get_ordered_ops():
-        if op.get_type_name() in ("Parameter", "Result"):
-            continue
-        for output in op.outputs():
-            names.extend(sorted(n for n in output.get_names() if n not in names))
-    return names
-
-
-def feature_extractor(model: ov.Model, taps: list[str], size: tuple[int, int]) -> ov.Model:
-    """A copy of ``model`` whose outputs are the named tap tensors, reshaped to ``size`` = (height, width).
-
-    Layers after the deepest tap are dropped (the outputs are only the taps). The input keeps its element
-    type, layout and colour order: u8 NHWC BGR for the builders above. Unknown tap names raise ``KeyError``
-    listing the names the model has.
-    """
-    if not taps:
-        raise ValueError("feature_extractor needs at least one tap name")
-    copy = model.clone()
-    outputs: dict[str, ov.Output] = {}
-    for op in copy.get_ordered_ops():
-        if op.get_type_name() == "Result":
-            continue
-        for output in op.outputs():
-            for name in output.get_names():
-                outputs.setdefault(name, output)
-    missing = [t for t in taps if t not in outputs]
-    if missing:
-        known = ", ".join(tensor_names(copy))
-        raise KeyError(f"unknown tap {', '.join(missing)}; known: {known}")
-    results = []
-    for tap in taps:
-        result = ops.result(outputs[tap])
-        result.set_friendly_name(f"{tap}/result")
-        results.append(result)
-    extractor = ov.Model(results, copy.get_parameters(), f"{model.get_friendly_name()}_features")
-    height, width = size
-    parameter = extractor.get_parameters()[0]
-    layout = ov.layout_helpers.get_layout(parameter.output(0))
-    shape = list(parameter.get_partial_shape().to_shape())
-    shape[ov.layout_helpers.height_idx(layout)] = height
-    shape[ov.layout_helpers.width_idx(layout)] = width
-    extractor.reshape({parameter.output(0): ov.PartialShape(shape)})
-    return extractor
