@@ -50,12 +50,18 @@ class Context(dict):
         self.to_frame = self.to_frame @ image_to_previous
 
     def frame_box(self, x: float, y: float, width: float, height: float) -> tuple[int, int, int, int]:
-        """A box in current-image pixels -> the axis-aligned box that covers it in input-frame pixels."""
-        corners = np.array([[x, y, 1], [x + width, y, 1], [x, y + height, 1], [x + width, y + height, 1]], float)
+        """A box in current-image pixels -> the axis-aligned box that covers it in input-frame pixels.
+
+        `to_frame` maps pixel centres (a mirror sends pixel x to width - 1 - x); a box's edges lie half a pixel
+        outside its first and last pixels' centres, so they are moved to centre coordinates, mapped and moved
+        back (mapping the edges as they are put a mirrored box one pixel off)."""
+        left_, top_, right_, bottom_ = x - 0.5, y - 0.5, x + width - 0.5, y + height - 0.5
+        corners = np.array([[left_, top_, 1], [right_, top_, 1], [left_, bottom_, 1], [right_, bottom_, 1]], float)
         mapped = corners @ self.to_frame.T
-        mapped = mapped[:, :2] / mapped[:, 2:3]
-        left, top = np.floor(mapped.min(axis=0))
-        right, bottom = np.ceil(mapped.max(axis=0))
+        mapped = mapped[:, :2] / mapped[:, 2:3] + 0.5
+        # The tolerance keeps an exact edge (e.g. 200.0000000001 after a rotation's float matrix) where it is.
+        left, top = np.floor(mapped.min(axis=0) + 1e-6)
+        right, bottom = np.ceil(mapped.max(axis=0) - 1e-6)
         return int(left), int(top), int(right - left), int(bottom - top)
 
     def frame_points(self, points: np.ndarray) -> np.ndarray:

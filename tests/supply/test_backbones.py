@@ -9,7 +9,7 @@ from skimage import data
 
 from appliance.supply.backbones import efficientnet_lite0, mobilenet_v2_backbone
 from appliance.training.features import feature_extractor, tensor_names
-from tests.runtime.conftest import compile_f32, imagenet_crop_bgr
+from tests.supply.conftest import compile_f32, imagenet_crop_bgr
 
 CAT_CLASSES = {281: "tabby", 282: "tiger cat", 285: "Egyptian cat"}
 ESPRESSO = 967

@@ -31,7 +31,7 @@ from appliance.supply.model_supply import (
     product_names,
     supply,
 )
-from tests.runtime.conftest import compile_f32, imagenet_crop_bgr
+from tests.supply.conftest import compile_f32, imagenet_crop_bgr
 
 REPO = Path(__file__).resolve().parents[2]
 
