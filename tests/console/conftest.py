@@ -95,9 +95,12 @@ def demo_copy(template: Path, folder: Path, **settings: Any) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
-    """Debian's Chromium, headless, through Playwright (its own browser download is not reachable here)."""
+    """Debian's Chromium, headless, through Playwright (its own browser download is not reachable here).
+
+    Per module, not per session: Playwright's sync API keeps an event loop running in the main thread while it is
+    open, and every later test calling asyncio.run() would fail ("cannot be called from a running event loop")."""
     if CHROMIUM is None:
         if os.environ.get("APPLIANCE_REQUIRE_TOOLS") == "1":
             pytest.fail("chromium is missing where `make test-tools` should have installed it")
