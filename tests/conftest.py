@@ -124,7 +124,10 @@ def _start_server(project: Path, *extra: str, log_file: Path | None, wait_ready:
         raise PortTaken()
     process.kill()
     stderr = process.stderr.read() if process.stderr else ""
-    raise RuntimeError(f"server did not start: stdout={server.stdout_lines} stderr={stderr[-2000:]}")
+    # The log says how far the start got (pytest removes tmp folders of older runs: keep it in the message).
+    log_tail = log_file.read_text(errors="replace")[-3000:] if log_file.is_file() else "(no log file)"
+    raise RuntimeError(f"server did not start: stdout={server.stdout_lines} stderr={stderr[-2000:]} "
+                       f"log={log_tail}")
 
 
 @pytest.fixture
