@@ -31,6 +31,15 @@ def tcp_output(peer: Peer) -> dict:
     return {"type": "tcp", "host": "127.0.0.1", "port": peer.port, "template": "$source;$verdict;$data"}
 
 
+def alternating_video(path, frames: int):
+    """An MJPG file of 64x48 frames, dark (20) then bright (220) in turn."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (64, 48))
+    for index in range(frames):
+        writer.write(np.full((48, 64, 3), 220 if index % 2 else 20, np.uint8))
+    writer.release()
+    return path
+
+
 def test_a_watched_folder_inspects_each_new_file_once_and_sorts_it(tmp_path):
     peer = Peer(free_port())
     peer.start()
@@ -66,11 +75,7 @@ def test_a_watched_folder_inspects_each_new_file_once_and_sorts_it(tmp_path):
 def test_a_video_faster_than_the_flow_drops_frames_and_counts_them(tmp_path):
     peer = Peer(free_port())
     peer.start()
-    video = tmp_path / "line.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (64, 48))
-    for index in range(60):
-        writer.write(np.full((48, 64, 3), 220 if index % 2 else 20, np.uint8))
-    writer.release()
+    video = alternating_video(tmp_path / "line.avi", 60)
     # 100 frames/s offered, one inspection at a time taking 50 ms: about half the frames cannot be inspected.
     project = write_project(tmp_path / "p", flow(sleep=0.05), hooks={"brightness": BRIGHTNESS},
                             outputs=[tcp_output(peer)],
@@ -109,11 +114,7 @@ def test_two_frames_inspected_at_once_reach_the_outputs_in_the_cameras_order(tmp
     before it must still come second, with the counter rising in that order."""
     peer = Peer(free_port())
     peer.start()
-    video = tmp_path / "line.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (64, 48))
-    for index in range(12):
-        writer.write(np.full((48, 64, 3), 220 if index % 2 else 20, np.uint8))
-    writer.release()
+    video = alternating_video(tmp_path / "line.avi", 12)
     slow_dark = BRIGHTNESS.replace("time.sleep(form.get('sleep', 0))",
                                    "time.sleep(0.3 if context['image'].mean() < 100 else 0)")
     project = write_project(tmp_path / "p", flow(), hooks={"brightness": slow_dark},
