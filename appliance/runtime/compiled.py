@@ -1,0 +1,86 @@
+"""The one interface a node sees of a model: a compiled version, wherever it runs.
+
+`runtime/openvino.py` compiles a store version in this process; `runtime/remote.py` sends the same tensors to a
+KServe v2 server (OpenVINO Model Server, Triton, KServe, another appliance). A firmware profile chooses which;
+nodes never know. What a backend cannot do (reshape a remote model) it refuses with a `StoreError` at load, so
+`check` and startup say it, not the first frame.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from appliance.runtime.spec import ModelSpec
+
+# (batch, height, width) a node compiles a model at instead of the spec's (1, height, width); -1 leaves that
+# dimension dynamic (CPU and GPU only: the NPU needs every dimension static).
+InputShape = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class TensorDescription:
+    """One output as KServe v2 names it: its datatype ("FP32", "UINT8", "INT64"...) and shape (-1: dynamic)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class InputDescription:
+    """What `infer` takes: a batch of u8 BGR NHWC frames; a dimension of -1 is dynamic."""
+
+    shape: tuple[int, int, int, int]  # (batch, height, width, channels)
+    element_type: str = "u8"
+    colour_order: str = "BGR"
+    # True when the backend brings a frame of any size to the model itself (resize inside the graph): the node
+    # then hands the frame as it is. False (a remote model, the NPU's static shapes): the node resizes first.
+    any_size: bool = False
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) a node resizes to; a dynamic dimension is reported as -1."""
+        return self.shape[1], self.shape[2]
+
+
+class CompiledModel(ABC):
+    """One loaded version of one store model, with as many `slots` (requests in flight) as it runs best at.
+
+    Thread-safe: worker threads call `infer` at once, up to `slots` of them run in parallel, the rest wait.
+    """
+
+    name: str  # the model's store name
+    version: str  # the store version's folder name
+    spec: ModelSpec  # the version's typed spec (labels, thresholds, outputs per task)
+    device: str  # what the profile asked for ("CPU", "AUTO:NPU,GPU,CPU", "kserve http://host:8000")
+    execution_devices: list[str]  # where it really runs
+    precision: str  # "f32", "f16", ... or "remote"
+    slots: int
+    load_seconds: float
+    input: InputDescription
+    outputs: list[TensorDescription]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [output.name for output in self.outputs]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) frames are brought to; a dynamic dimension keeps the spec's size."""
+        height, width = self.spec.input.size
+        wanted_h, wanted_w = self.input.size
+        return (wanted_h if wanted_h > 0 else height, wanted_w if wanted_w > 0 else width)
+
+    @abstractmethod
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Blocking inference of an NxHxWx3 u8 BGR batch from a worker thread; outputs by name, owned by the
+        caller (never views of a buffer the next request reuses)."""
+
+    def metadata(self) -> dict[str, object]:
+        """What a client may read about this version (KServe's model metadata, the console's model page)."""
+        return {"name": self.name, "version": self.version, "task": self.spec.task, "device": self.device,
+                "execution_devices": list(self.execution_devices), "precision": self.precision,
+                "input": list(self.input.shape), "outputs": self.output_names}
