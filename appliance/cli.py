@@ -132,7 +132,7 @@ def _devices(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace) -> int:
     from appliance.project import Project
-    from appliance.runtime.store import StoreError, read_current, resolve_version, switch_current, versions
+    from appliance.runtime.store import StoreError, point_current, read_current, versions
 
     try:
         project = Project.load(Path(args.project_dir))
@@ -145,11 +145,10 @@ def _models(args: argparse.Namespace) -> int:
                   f"{', '.join(versions(model_dir)) or 'none'}")
         return 0
     try:
-        resolve_version(store, args.model, args.version)
+        point_current(store, args.model, args.version)
     except StoreError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    switch_current(store / args.model, args.version)
     print(f"{args.model}: current -> {args.version} (a running server switches within 2 s)")
     return 0
 

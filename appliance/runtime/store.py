@@ -102,6 +102,18 @@ def switch_current(model_dir: Path, version: str) -> None:
     _fsync_path(model_dir)
 
 
+def point_current(store: Path, name: str, version: str) -> None:
+    """Point model ``name``'s `current` at ``version`` for a person (`appliance models switch`): under the model
+    folder's lock, so a training run publishing a version of the same model at that moment takes its turn, and only
+    at a version whose files verify against its manifest (a half-copied version is refused, not served)."""
+    model_dir = store / name
+    if not model_dir.is_dir():
+        raise StoreError(f"model '{name}': {model_dir} not found")
+    with _locked(model_dir):
+        resolve_version(store, name, version)
+        switch_current(model_dir, version)
+
+
 def read_current(model_dir: Path) -> str | None:
     try:
         return (model_dir / "current").read_text().strip() or None

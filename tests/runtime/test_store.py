@@ -180,3 +180,22 @@ def test_a_training_killed_at_every_point_of_the_write_leaves_the_store_for_the_
         "1", "2", "3", "current"]
     resolve_version(store, "parts")
 
+
+
+def test_models_switch_points_current_only_at_a_version_that_verifies(tmp_path: Path) -> None:
+    from appliance.runtime.store import point_current
+
+    spec = {"task": "classify", "input": {"size": [2, 2]}, "labels": [{"id": 0, "name": "a"}]}
+    first = publish(tmp_path, "m", {"model.onnx": b"one"}, spec)
+    second = publish(tmp_path, "m", {"model.onnx": b"two"}, spec)
+    assert read_current(tmp_path / "m") == second
+    point_current(tmp_path, "m", first)
+    assert read_current(tmp_path / "m") == first
+    (tmp_path / "m" / second / "model.onnx").write_bytes(b"tampered")
+    with pytest.raises(StoreError, match="model.onnx sha256 mismatch"):
+        point_current(tmp_path, "m", second)
+    with pytest.raises(StoreError, match="version 9: .* not found"):
+        point_current(tmp_path, "m", "9")
+    with pytest.raises(StoreError, match="model 'other': .* not found"):
+        point_current(tmp_path, "other", "1")
+    assert read_current(tmp_path / "m") == first
