@@ -71,3 +71,8 @@ class ConfigError(Exception):
 
 class DeviceUnavailable(ConfigError):
     """The firmware profile's device is absent here and no fallback is allowed (exit 69, RELIABILITY 11.4)."""
+
+
+class NodeError(Exception):
+    """A node could not process this frame: the flow records it in `errors`, fails the branch and answers 200.
+    Raised by nodes and by what they call (a remote model's failure in runtime/remote.py)."""

@@ -8,12 +8,18 @@ coffee as the model takes it (centre crop, 224x224, u8 BGR NHWC) and reading the
 Clients and servers share the machine's cores. The ratio is the appliance's req/s over the peer's at the same
 number of clients (goal >= 1.5, issue 12); the in-process ceiling (every infer request busy, no HTTP) is listed.
 
+The same run measures the remote backend (the `kserve` firmware profile, runtime/remote.py): the classify flow
+(flows/classify_objects.yaml, scikit-image's coffee as a raw BGR body to /analyze_raw_image) served by an appliance
+whose model runs in-process, and by appliances with the `kserve` profile sending the inference to the KServe peer
+and to the first appliance's `kserve` API; each row's p50 overhead and throughput as a ratio to in-process.
+
     .venv/bin/python bench/kserve.py [--seconds 4] [--venv DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.metadata
 import json
 import os
@@ -36,7 +42,7 @@ sys.path.insert(0, str(REPO))
 from appliance.config.loader import load_project_files  # noqa: E402
 from appliance.project import Project  # noqa: E402
 from bench.dialects import cpu_seconds  # noqa: E402
-from bench.hot_path import summary  # noqa: E402
+from bench.hot_path import over_http, summary  # noqa: E402
 from bench.model_path import ceiling  # noqa: E402
 from tests.conftest import free_port, start_server  # noqa: E402
 
@@ -134,9 +140,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         project_dir = Path(tmp) / "kserve"
         project_dir.mkdir()
-        # The queue deep enough for 8 clients: this measures throughput, not 503s.
+        # The queue deep enough for 8 clients: this measures throughput, not 503s. PEKAT's API too: the same
+        # server is the in-process twin of the remote backend's rows.
         (project_dir / "project.yaml").write_text(yaml.safe_dump({
-            "name": "kserve", "flow": str(FLOW), "models_dir": str(REPO / "models"), "apis": ["kserve"],
+            "name": "kserve", "flow": str(FLOW), "models_dir": str(REPO / "models"), "apis": ["pekat", "kserve"],
             "limits": {"queue_depth": 16}}))
         project = Project.load(project_dir)
         project.prepare()
@@ -154,6 +161,8 @@ def main() -> None:
             peer = subprocess.Popen([str(python), "-P", str(REPO / "bench" / "kserve_peer.py"), str(network), MODEL,
                                      str(port), json.dumps(properties)], stdout=log, stderr=subprocess.STDOUT)
         server = start_server(project_dir, log_file=Path(tmp) / "server.log", log_level="INFO")
+        remote_servers = []
+        remote_rows: list[tuple[str, int, dict[str, float]]] = []
         try:
             wait_ready(f"http://127.0.0.1:{port}", peer, peer_log)
             for clients in (1, 8):
@@ -163,8 +172,26 @@ def main() -> None:
                                          server.process.pid)))
                 rows.append((f"KServe ModelServer ({KSERVE})", clients,
                              closed_loop(f"127.0.0.1:{port}", frame, clients, args.seconds, peer.pid)))
+            remotes = {"in-process (cpu profile)": server}
+            for name, url in (("kserve profile -> KServe ModelServer", f"http://127.0.0.1:{port}"),
+                              ("kserve profile -> another appliance", server.url)):
+                remote_dir = Path(tmp) / f"remote-{len(remotes)}"
+                remote_dir.mkdir()
+                (remote_dir / "project.yaml").write_text(yaml.safe_dump({
+                    "name": remote_dir.name, "flow": str(FLOW), "models_dir": str(REPO / "models"),
+                    "firmware_profile": "kserve", "limits": {"queue_depth": 16}}))
+                remote_servers.append(start_server(remote_dir, log_file=remote_dir / "server.log", log_level="INFO",
+                                                   env={"APPLIANCE_KSERVE_URL": url}))
+                remotes[name] = remote_servers[-1]
+            body = cv2.cvtColor(data.coffee(), cv2.COLOR_RGB2BGR)
+            query = f"/analyze_raw_image?width={body.shape[1]}&height={body.shape[0]}"
+            for clients in (1, 8):
+                for name, serving in remotes.items():
+                    remote_rows.append((name, clients, asyncio.run(over_http(
+                        serving.url + query, lambda _: {"query": "", "body": body.tobytes()}, clients, args.seconds))))
         finally:
-            server.stop()
+            for started in (*remote_servers, server):
+                started.stop()
             peer.terminate()
             peer.wait(30)
     print(f"\n{MODEL} v{loaded.version} ({loaded.device}, {loaded.precision}, {json.dumps(properties)}), coffee "
@@ -180,6 +207,14 @@ def main() -> None:
         print(f"| {name} | {clients} | {result['rps']:.1f} | {result['p50']:.2f} | {result['p99']:.2f} | "
               f"{result['rps'] / peers[clients]['rps']:.2f} | {result['rps'] / top_row['rps']:.2f} | "
               f"{result['server_cpu_ms']:.1f} | {int(result['top'])} |")
+    print(f"\nRemote backend: the classify flow over /analyze_raw_image (coffee {body.shape[1]}x{body.shape[0]} raw "
+          f"BGR), inference in-process or through the kserve profile; {args.seconds:g} s per row\n")
+    print("| inference | clients | req/s | p50 ms | p99 ms | overhead p50 ms | throughput ratio to in-process |")
+    print("|---|---|---|---|---|---|---|")
+    local = {clients: result for name, clients, result in remote_rows if name.startswith("in-process")}
+    for name, clients, result in remote_rows:
+        print(f"| {name} | {clients} | {result['rps']:.1f} | {result['p50']:.2f} | {result['p99']:.2f} | "
+              f"{result['p50'] - local[clients]['p50']:+.2f} | {result['rps'] / local[clients]['rps']:.2f} |")
 
 
 if __name__ == "__main__":

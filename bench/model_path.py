@@ -1,8 +1,12 @@
-"""`make bench`, model part: a project's flow over HTTP against the in-process OpenVINO ceiling of its model.
+"""`make bench`, model part: a project's flow over HTTP against two in-process ceilings of its model.
 
-The ceiling is an AsyncInferQueue on the same compiled model, fed the same frames already resized to the
-model's input, with as many jobs as the device's optimal number of requests. The server paths send the
-frames (shared memory, Bayer RG8 body, JPEG body) through the project's whole flow at 1 and 8 clients.
+The inference ceiling is an AsyncInferQueue on the same compiled model, fed the same frames already resized to
+the model's input, with as many jobs as the device's optimal number of requests. The whole-node ceiling is
+`Project.inspect` on the decoded camera frame in this process (1 and 2 threads, the better): the node's resize,
+inference and post-processing, the flow and the JSON. The server paths send the frames (shared memory, Bayer
+RG8 body, JPEG body) through the project's whole flow at 1 and 8 clients; each row's ratio is given to both.
+Per model node, the time of its `run` and how much of it is spent outside inference (Python: fitting the frame,
+decoding, post-processing) is measured on one thread.
 
     .venv/bin/python bench/model_path.py [--project projects/demo] [--frames DIR | --skimage coffee,chelsea]
                                          [--seconds 4]
@@ -26,9 +30,10 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from appliance.frames import mosaic_rggb  # noqa: E402
+from appliance.frames import Frame, mosaic_rggb  # noqa: E402
+from appliance.nodes.model import ModelNode  # noqa: E402
 from appliance.project import Project  # noqa: E402
-from bench.hot_path import over_http, summary  # noqa: E402
+from bench.hot_path import in_process, over_http, summary  # noqa: E402
 from tests.conftest import start_server  # noqa: E402
 
 
@@ -47,6 +52,73 @@ def ceiling(loaded, batches: list[np.ndarray], seconds: float) -> dict[str, floa
     result = summary(latencies, time.perf_counter() - started)
     result["jobs"] = jobs
     return result
+
+
+def node_times(project: Project, frames: list[np.ndarray], repeats: int = 20) -> list[dict[str, object]]:
+    """Per model node of the flow, on one thread: ms per frame in its `run`, and in its models' `infer` calls."""
+    spent: dict[str, list[float]] = {}
+    inferring = [0.0]
+    for slot in project.runtime.slots.values():
+        loaded = slot.current
+        if loaded is None or getattr(loaded, "_bench_wrapped", False):
+            continue
+
+        def timed_infer(batch, original=loaded.infer):
+            started = time.perf_counter()
+            try:
+                return original(batch)
+            finally:
+                inferring[0] += time.perf_counter() - started
+
+        loaded.infer = timed_infer  # type: ignore[method-assign]
+        loaded._bench_wrapped = True  # type: ignore[attr-defined]
+    for node in project.graph.nodes.values():
+        if not isinstance(node, ModelNode):
+            continue
+
+        def timed_run(ctx, original=node.run, node_id=node.id):
+            inferring[0] = 0.0
+            started = time.perf_counter()
+            original(ctx)
+            spent.setdefault(node_id, []).append(time.perf_counter() - started)
+            spent.setdefault(node_id + " infer", []).append(inferring[0])
+
+        node.run = timed_run  # type: ignore[method-assign]
+        spent[node.id] = []
+    for _ in range(2):  # warm-up
+        project.inspect(Frame(frames[0], "bench"), "")
+    spent = {key: [] for key in spent}
+    for index in range(repeats):
+        project.inspect(Frame(frames[index % len(frames)], "bench"), "")
+    rows = []
+    for node_id, node in project.graph.nodes.items():
+        if node_id in spent and spent[node_id]:
+            run_ms = 1000 * float(np.median(spent[node_id]))
+            infer_ms = 1000 * float(np.median(spent[node_id + " infer"]))
+            rows.append({"node": node_id, "type": node.settings.type, "run": run_ms, "infer": infer_ms,
+                         "python": run_ms - infer_ms})
+    return rows
+
+
+def whole_node_ceiling(project: Project, frames: list[np.ndarray], seconds: float) -> dict[str, float]:
+    """Project.inspect in this process on decoded frames, at 1 and 2 threads: the better one."""
+    counter = iter(range(1 << 62))
+    best: dict[str, float] | None = None
+    for threads in (1, 2):
+        result = in_process(project, lambda: Frame(frames[next(counter) % len(frames)], "bench"), threads,
+                            seconds / 2)
+        result["threads"] = threads
+        if best is None or result["rps"] > best["rps"]:
+            best = result
+    assert best is not None
+    return best
+
+
+def print_node_times(rows: list[dict[str, object]]) -> None:
+    print("\n| node | type | run ms p50 | in inference ms | Python outside inference ms |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['node']} | {row['type']} | {row['run']:.2f} | {row['infer']:.2f} | {row['python']:.2f} |")
 
 
 def load_frames(project_dir: Path, folder: str | None, pictures: str | None) -> list[np.ndarray]:
@@ -112,6 +184,8 @@ def main() -> None:
         ("JPEG body", "/analyze_image", lambda i: {"query": "", "body": jpegs[i % len(jpegs)]}),
     ]
     top = ceiling(loaded, batches, args.seconds)
+    whole = whole_node_ceiling(project, frames, args.seconds)
+    per_node = node_times(project, frames)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         server = start_server(project_dir, log_file=Path(tmp) / "server.log", log_level="INFO")
@@ -129,13 +203,16 @@ def main() -> None:
             workdir.cleanup()
     print(f"\nFlow of {source_dir.name}: model {loaded.name} v{loaded.version} ({model_w}x{model_h}, "
           f"{loaded.device}, {loaded.precision}), camera frames {width}x{height}, {args.seconds:g} s per row\n")
-    print("| path | clients | req/s | p50 ms | p99 ms | ratio to ceiling |")
-    print("|---|---|---|---|---|---|")
-    print(f"| in-process ceiling (AsyncInferQueue, {top['jobs']} jobs) | - | {top['rps']:.1f} | {top['p50']:.2f} | "
-          f"{top['p99']:.2f} | 1.00 |")
+    print("| path | clients | req/s | p50 ms | p99 ms | ratio to inference ceiling | ratio to whole-node ceiling |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| in-process inference ceiling (AsyncInferQueue, {top['jobs']} jobs) | - | {top['rps']:.1f} | "
+          f"{top['p50']:.2f} | {top['p99']:.2f} | 1.00 | {top['rps'] / whole['rps']:.2f} |")
+    print(f"| in-process whole-node ceiling (Project.inspect + JSON, {whole['threads']:g} threads) | - | "
+          f"{whole['rps']:.1f} | {whole['p50']:.2f} | {whole['p99']:.2f} | {whole['rps'] / top['rps']:.2f} | 1.00 |")
     for name, clients, result in rows:
         print(f"| {name} | {clients} | {result['rps']:.1f} | {result['p50']:.2f} | {result['p99']:.2f} | "
-              f"{result['rps'] / top['rps']:.2f} |")
+              f"{result['rps'] / top['rps']:.2f} | {result['rps'] / whole['rps']:.2f} |")
+    print_node_times(per_node)
 
 
 if __name__ == "__main__":

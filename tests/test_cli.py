@@ -81,7 +81,7 @@ def test_check_and_serve_exit_78_for_an_unknown_firmware_profile(tmp_path: Path)
     for command in ("check", "serve"):
         done = appliance(command, str(project), cwd=tmp_path)
         assert done.returncode == EXIT_CONFIG, (command, done.stderr)
-        assert "firmware profile 'nope' not found; known: auto, cpu, igpu, npu" in done.stderr
+        assert "firmware profile 'nope' not found; known: auto, cpu, igpu, kserve, npu" in done.stderr
         assert done.stdout == ""
 
 

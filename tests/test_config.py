@@ -48,7 +48,7 @@ def test_project_settings_problems_are_all_reported(tmp_path):
 def test_missing_flow_file_and_unknown_profile(tmp_path):
     (tmp_path / "project.yaml").write_text("name: p\nflow: nowhere.yaml\nfirmware_profile: vpu\n")
     found = problems_of(tmp_path)
-    assert any("firmware_profile: firmware profile 'vpu' not found; known: auto, cpu, igpu, npu" in p for p in found)
+    assert any("firmware_profile: firmware profile 'vpu' not found; known: auto, cpu, igpu, kserve, npu" in p for p in found)
     assert any("flow: flow file" in p and "nowhere.yaml not found" in p for p in found)
 
 

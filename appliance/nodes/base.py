@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from appliance.errors import NodeError as NodeError  # re-exported: nodes raise it from here
 from appliance.runtime.spec import LabelSpec, ModelSpec, read_spec, spec_tasks
 from appliance.runtime.store import StoreError, resolve_version
 
 if TYPE_CHECKING:
     from appliance.config.project import ProjectConfig
     from appliance.context import Context
-    from appliance.runtime.models import LoadedModel, Runtime
+    from appliance.runtime.compiled import CompiledModel
+    from appliance.runtime.models import Runtime
 
 
 class NodeSettings(BaseModel):
@@ -27,17 +29,44 @@ class NodeSettings(BaseModel):
     description: str = Field("", description="a note for people; the flow ignores it")
 
 
-# Query parameters a request may set for a node, when the node lists them in `overrides` (the flow decides).
+# The one declaration of the query parameters a request may set for a node (when the flow lists them in the
+# node's `overrides`), with the range each accepts; a node type narrows them (`override_ranges` of its settings).
+# The server reads the ranges of the flow's nodes (Project.override_ranges) and refuses anything else with a 400.
 Overridable = Literal["threshold", "max_labels", "min_confidence"]
+OVERRIDABLE: tuple[str, ...] = get_args(Overridable)
+OVERRIDE_RANGES: dict[str, tuple[float, float]] = {"threshold": (0.0, 1.0), "min_confidence": (0.0, 1.0),
+                                                   "max_labels": (1, 1000)}
 
 
-class ModelNodeSettings(NodeSettings):
-    """Settings of a node that runs a model of the project's store."""
+class DeviceSettings(NodeSettings):
+    """Settings of a node that runs models of the project's store."""
 
-    model: str = Field(min_length=1, description="model name in the project's model store")
-    device: str | None = Field(None, description="OpenVINO device for this node instead of the profile's")
+    device: str | None = Field(None, description="OpenVINO device for this node's models instead of the profile's")
+
+
+class OverridableSettings(NodeSettings):
+    """Settings of a node some of whose values a request may replace."""
+
+    # Which of OVERRIDABLE this node type takes, and in what range (anomaly scores are distances, not
+    # probabilities: any positive threshold).
+    override_ranges: ClassVar[dict[str, tuple[float, float]]] = OVERRIDE_RANGES
     overrides: list[Overridable] = Field(default_factory=list, description="query parameters a request may "
                                          "set for this node, e.g. [threshold, max_labels]")
+
+    @field_validator("overrides")
+    @classmethod
+    def _taken_by_this_type(cls, overrides: list[str]) -> list[str]:
+        refused = [name for name in overrides if name not in cls.override_ranges]
+        if refused:
+            raise ValueError(f"a request cannot set {', '.join(refused)} here; this node type takes "
+                             f"{', '.join(cls.override_ranges)}")
+        return overrides
+
+
+class ModelNodeSettings(DeviceSettings, OverridableSettings):
+    """Settings of a node that runs one model of the project's store."""
+
+    model: str = Field(min_length=1, description="model name in the project's model store")
 
 
 Problems = list[tuple[tuple[str | int, ...], str]]
@@ -63,7 +92,7 @@ def stored_spec(name: str, env: NodeEnvironment, kind: type[SpecT], field: str =
     return spec, []
 
 
-def spec_of(loaded: LoadedModel, kind: type[SpecT]) -> SpecT:
+def spec_of(loaded: CompiledModel, kind: type[SpecT]) -> SpecT:
     """The loaded version's spec as ``kind``; a NodeError when a switch brought a model of another task."""
     if not isinstance(loaded.spec, kind):
         raise NodeError(f"model '{loaded.name}' version {loaded.version} is a {loaded.spec.task} model, not a "
@@ -102,17 +131,15 @@ class NodeEnvironment:
 SettingsT = TypeVar("SettingsT", bound=NodeSettings)
 
 
-class NodeError(Exception):
-    """A node could not process this frame: the flow records it in `errors`, fails the branch and answers 200."""
-
-
 class Node(Generic[SettingsT]):
     """A node is a synchronous function of the context, run in a worker thread, never on the event loop."""
 
     settings_model: ClassVar[type[NodeSettings]]
-    # Allowed range of each query parameter a request may set for this node type (see ModelNodeSettings).
-    override_ranges: ClassVar[dict[str, tuple[float, float]]] = {
-        "threshold": (0.0, 1.0), "min_confidence": (0.0, 1.0), "max_labels": (1, 1000)}
+
+    @property
+    def override_ranges(self) -> dict[str, tuple[float, float]]:
+        """The range of each query parameter a request may set for this node type (OverridableSettings)."""
+        return dict(getattr(self.settings_model, "override_ranges", {}))
 
     def __init__(self, node_id: str, settings: SettingsT, env: NodeEnvironment):
         self.id = node_id

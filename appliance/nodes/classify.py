@@ -16,21 +16,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import cv2
 import numpy as np
 
 from appliance.context import Context
-from appliance.nodes.base import Node, NodeEnvironment, NodeError, label_name, requested, stored_spec
+from appliance.nodes.base import Problems, label_name, requested
+from appliance.nodes.model import ModelNode
 from appliance.nodes.settings import ClassifySettings
-from appliance.runtime.models import LoadedModel, ModelSlot
-from appliance.runtime.spec import ClassifySpec, LabelSpec
-
-
-def _crop_centre(image: np.ndarray) -> np.ndarray:
-    height, width = image.shape[:2]
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
-    return image[top:top + side, left:left + side]
+from appliance.runtime.compiled import CompiledModel
+from appliance.runtime.spec import ClassifySpec, ModelSpec
 
 
 def scores_from_outputs(raw: np.ndarray, exclusive: bool, activation: str) -> np.ndarray:
@@ -48,14 +41,13 @@ def scores_from_outputs(raw: np.ndarray, exclusive: bool, activation: str) -> np
     return values
 
 
-class Classify(Node[ClassifySettings]):
+class Classify(ModelNode[ClassifySettings]):
     settings_model = ClassifySettings
+    spec_kind = ClassifySpec
 
     @classmethod
-    def check(cls, settings: ClassifySettings, env: NodeEnvironment) -> list[tuple[tuple[str | int, ...], str]]:
-        spec, problems = stored_spec(settings.model, env, ClassifySpec)
-        if spec is None:
-            return problems
+    def check_spec(cls, settings: ClassifySettings, spec: ModelSpec) -> Problems:
+        problems: Problems = []
         names = {label.name for label in spec.labels}
         ids = {label.id for label in spec.labels}
         for position, wanted in enumerate(settings.only):
@@ -68,20 +60,7 @@ class Classify(Node[ClassifySettings]):
                 problems.append((("thresholds", name), f"must be from 0 to 1, got {value}"))
         return problems
 
-    def prepare(self) -> None:
-        assert self.env.runtime is not None
-        self.slot: ModelSlot = self.env.runtime.slot(self.settings.model, self.settings.device)
-        if self.slot.current is None:
-            self.slot.load()
-
-    def _label(self, loaded: LoadedModel, index: int) -> LabelSpec:
-        """The spec's label for output ``index`` (labels are keyed by id), or a name made from the index."""
-        if getattr(self, "_labels_of", None) is not loaded:  # a version switch brings other labels
-            self._labels_by_id = {label.id: label for label in loaded.spec.labels}
-            self._labels_of = loaded
-        return self._labels_by_id.get(index) or LabelSpec(id=index, name=f"class {index}", color=None)
-
-    def _kept(self, loaded: LoadedModel, count: int) -> np.ndarray | None:
+    def _kept(self, loaded: CompiledModel, count: int) -> np.ndarray | None:
         """The output indices `only` keeps (None: all), resolved against the loaded version's labels."""
         if not self.settings.only:
             return None
@@ -93,18 +72,8 @@ class Classify(Node[ClassifySettings]):
         return self._kept_indices
 
     def run(self, ctx: Context) -> None:
-        loaded = self.slot.current
-        assert loaded is not None
-        image = ctx["image"]
-        if image.ndim == 2:
-            image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-        if image.shape[0] < 2 or image.shape[1] < 2:
-            raise NodeError(f"image {image.shape[1]}x{image.shape[0]} is too small for model '{loaded.name}'")
-        if self.settings.fit == "center_crop":
-            image = _crop_centre(image)
-        model_h, model_w = loaded.input_size
-        interpolation = cv2.INTER_AREA if image.shape[0] * image.shape[1] > model_h * model_w else cv2.INTER_LINEAR
-        outputs = loaded.infer(cv2.resize(image, (model_w, model_h), interpolation=interpolation)[None])
+        loaded = self.loaded()
+        outputs = loaded.infer(self.fit(ctx["image"], loaded, self.settings.fit).batch)
         scores = scores_from_outputs(outputs[loaded.output_names[0]], loaded.spec.exclusive, self.settings.activation)
         default = float(requested(ctx, self.settings, "threshold",
                                   requested(ctx, self.settings, "min_confidence", self.settings.threshold)))
@@ -121,7 +90,7 @@ class Classify(Node[ClassifySettings]):
             done_predicting = len(predicted) >= limit or scores[index] < lowest
             if done_predicting and (not self.settings.show_discarded or len(discarded) >= limit):
                 break
-            label = self._label(loaded, int(index))
+            label = self.label(loaded, int(index))
             # A request's threshold replaces the per-label ones too: the caller asked for one bar.
             threshold = default if overridden else self.settings.thresholds.get(label.name, default)
             entry = {"label_id": label.id, "label_name": label_name(label, ctx), "score": float(scores[index]),
@@ -139,5 +108,4 @@ class Classify(Node[ClassifySettings]):
         if self.settings.show_discarded:
             result["discarded"] = discarded
         ctx.setdefault("classification", []).append(result)
-        ctx.setdefault("models", []).append({"node": self.id, "model": loaded.name, "version": loaded.version,
-                                            "device": loaded.device})
+        self.record(ctx, loaded)

@@ -20,9 +20,10 @@ import numpy as np
 
 from appliance.context import Context
 from appliance.face_chips import chip_padding, face_chip
-from appliance.nodes.base import Node, NodeEnvironment, NodeError, Problems, spec_of, stored_spec
+from appliance.nodes.base import NodeEnvironment, NodeError, Problems, spec_of, stored_spec
+from appliance.nodes.model import ModelNode
 from appliance.nodes.settings import DemographicsSettings
-from appliance.runtime.models import LoadedModel, ModelSlot
+from appliance.runtime.compiled import CompiledModel
 from appliance.runtime.spec import AgeOutputs, DemographicsSpec
 
 
@@ -33,7 +34,7 @@ def _check_role(spec: DemographicsSpec | None, name: str, role: str, field: str)
     return []
 
 
-class Demographics(Node[DemographicsSettings]):
+class Demographics(ModelNode[DemographicsSettings]):
     settings_model = DemographicsSettings
 
     @classmethod
@@ -46,15 +47,11 @@ class Demographics(Node[DemographicsSettings]):
         return problems
 
     def prepare(self) -> None:
-        assert self.env.runtime is not None
-        self.age_slot: ModelSlot = self.env.runtime.slot(self.settings.age_model, self.settings.device)
-        self.gender_slot: ModelSlot = self.env.runtime.slot(self.settings.gender_model, self.settings.device)
-        for slot in (self.age_slot, self.gender_slot):
-            if slot.current is None:
-                slot.load()
+        self.age_slot = self.model_slot(self.settings.age_model)
+        self.gender_slot = self.model_slot(self.settings.gender_model)
 
     @staticmethod
-    def _probabilities(loaded: LoadedModel, chip: np.ndarray) -> np.ndarray:
+    def _probabilities(loaded: CompiledModel, chip: np.ndarray) -> np.ndarray:
         outputs = loaded.infer(chip[None])
         wanted = spec_of(loaded, DemographicsSpec).outputs.probabilities or loaded.output_names[0]
         return outputs.get(wanted, outputs[loaded.output_names[0]]).reshape(-1).astype(np.float64)
@@ -63,17 +60,16 @@ class Demographics(Node[DemographicsSettings]):
         faces = ctx.get("faces")
         if not isinstance(faces, list):
             raise NodeError("no `faces` in the context: put a faces@1 node before this one")
-        age, gender = self.age_slot.current, self.gender_slot.current
-        assert age is not None and gender is not None
+        age, gender = self.loaded(self.age_slot), self.loaded(self.gender_slot)
         image = ctx["image"]
         if image.ndim == 2:
+            # Chips are cut from the BGR image (a few small ones: the conversion of the whole is not the cost).
             image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
         age_outputs = spec_of(age, DemographicsSpec).outputs
         if not isinstance(age_outputs, AgeOutputs):
             raise NodeError(f"model '{age.name}' version {age.version} is a {age_outputs.role} model, not an age "
                             "model")
         age_weights = np.asarray(age_outputs.age_weights, float)
-        genders = {label.id: label.name for label in gender.spec.labels}
         for face in faces:
             keypoints = face.get("keypoints") if isinstance(face, dict) else None
             if not keypoints or len(keypoints) < 4:
@@ -90,9 +86,7 @@ class Demographics(Node[DemographicsSettings]):
             best = int(sexes.argmax())
             found: dict[str, Any] = {"age": round(float(ages @ age_weights), 2),
                                      "age_confidence": round(float(ages.max()), 4),
-                                     "gender": genders.get(best, f"class {best}"),
+                                     "gender": self.label(gender, best).name,
                                      "gender_score": round(float(sexes[best]), 4)}
             face.update(found)
-        ctx.setdefault("models", []).extend(
-            {"node": self.id, "model": loaded.name, "version": loaded.version, "device": loaded.device}
-            for loaded in (age, gender))
+        self.record(ctx, age, gender)

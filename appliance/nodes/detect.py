@@ -28,10 +28,11 @@ import cv2
 import numpy as np
 
 from appliance.context import Context
-from appliance.nodes.base import Node, NodeEnvironment, NodeError, label_name, requested, spec_of, stored_spec
+from appliance.nodes.base import NodeError, Problems, label_name, requested, spec_of
+from appliance.nodes.model import ModelNode
 from appliance.nodes.settings import DetectionSettings, DetectSettings
-from appliance.runtime.models import LoadedModel, ModelSlot
-from appliance.runtime.spec import DECODERS, Anchors, BoxFormat, DecoderName, DetectSpec, LabelSpec
+from appliance.runtime.compiled import CompiledModel
+from appliance.runtime.spec import DECODERS, Anchors, BoxFormat, DecoderName, DetectSpec, LabelSpec, ModelSpec
 from appliance.runtime.store import StoreError
 
 # What each decoder's models were trained with, used where neither the node nor the spec says otherwise:
@@ -250,41 +251,6 @@ class OutputDecoder:
         return found
 
 
-@dataclass(frozen=True)
-class Fitted:
-    """The model's input batch and how its pixels map back: image = (model - pad) * scale."""
-
-    batch: np.ndarray
-    scale: tuple[float, float]
-    pad: tuple[int, int]
-
-
-def fit_image(image: np.ndarray, input_size: tuple[int, int], fit: str) -> Fitted:
-    height, width = image.shape[:2]
-    model_h, model_w = input_size
-    if fit == "letterbox":
-        factor = min(model_w / width, model_h / height)
-        new_w, new_h = max(1, min(model_w, round(width * factor))), max(1, min(model_h, round(height * factor)))
-    else:
-        new_w, new_h = model_w, model_h
-    used_w, used_h = width, height
-    whole_x, whole_y = width // new_w, height // new_h
-    if whole_x >= 2 and whole_y >= 2 and (width % new_w or height % new_h):
-        # OpenCV's area resize is fast only for whole factors (1280x720 to 192x108: 5.5 ms, against 2.1 ms for
-        # a whole factor first, measured here). The last few columns and rows (fewer than the factor) are
-        # left out; the mapping back below counts only the pixels used.
-        used_w, used_h = width - width % whole_x, height - height % whole_y
-        image = cv2.resize(image[:used_h, :used_w], (used_w // whole_x, used_h // whole_y),
-                           interpolation=cv2.INTER_AREA)
-    shrinking = image.shape[0] * image.shape[1] > new_w * new_h
-    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-    pad_x, pad_y = (model_w - new_w) // 2, (model_h - new_h) // 2
-    if (new_w, new_h) != (model_w, model_h):
-        resized = cv2.copyMakeBorder(resized, pad_y, model_h - new_h - pad_y, pad_x, model_w - new_w - pad_x,
-                                     cv2.BORDER_CONSTANT, value=(0, 0, 0))
-    return Fitted(resized[None], (used_w / new_w, used_h / new_h), (pad_x, pad_y))
-
-
 def _overlaps(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """IoU of one x0, y0, x1, y1 box with each of ``boxes``, areas as width x height (as OpenCV's NMS)."""
     width = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
@@ -337,16 +303,15 @@ def select(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, *, conf
 SettingsT = TypeVar("SettingsT", bound=DetectionSettings)
 
 
-class DetectionNode(Node[SettingsT]):
+class DetectionNode(ModelNode[SettingsT]):
     """A node that runs a detection model: store check, loading, decoding and selection of the boxes."""
 
-    tasks: ClassVar[tuple[str, ...]] = ("detect", "faces")
+    spec_kind = DetectSpec
+    tasks: ClassVar[tuple[str, ...] | None] = ("detect", "faces")
 
     @classmethod
-    def check(cls, settings: SettingsT, env: NodeEnvironment) -> list[tuple[tuple[str | int, ...], str]]:
-        spec, problems = stored_spec(settings.model, env, DetectSpec, tasks=cls.tasks)
-        if spec is None:
-            return problems
+    def check_spec(cls, settings: SettingsT, spec: ModelSpec) -> Problems:
+        assert isinstance(spec, DetectSpec)
         try:
             OutputDecoder(spec, [], settings.decoder)
         except ValueError as error:
@@ -354,13 +319,12 @@ class DetectionNode(Node[SettingsT]):
         return cls.check_labels(settings, spec)
 
     @classmethod
-    def check_labels(cls, settings: SettingsT, spec: DetectSpec) -> list[tuple[tuple[str | int, ...], str]]:
+    def check_labels(cls, settings: SettingsT, spec: DetectSpec) -> Problems:
         return []
 
     def prepare(self) -> None:
-        assert self.env.runtime is not None
-        self.slot: ModelSlot = self.env.runtime.slot(self.settings.model, self.settings.device)
-        loaded = self.slot.current or self.slot.load()
+        super().prepare()
+        loaded = self.loaded()
         # A layout that does not fit the decoder is a configuration problem: say so before serving.
         try:
             self._decoder(loaded)[0](loaded.infer(np.zeros((1, *loaded.input_size, 3), np.uint8)))
@@ -368,7 +332,7 @@ class DetectionNode(Node[SettingsT]):
             raise StoreError(f"model '{loaded.name}' version {loaded.version}: {self.settings.type} node "
                              f"'{self.id}': {error}") from None
 
-    def _decoder(self, loaded: LoadedModel) -> tuple[OutputDecoder, dict[int, LabelSpec]]:
+    def _decoder(self, loaded: CompiledModel) -> tuple[OutputDecoder, dict[int, LabelSpec]]:
         """The decoder and labels of this version: a switch may bring another layout or other labels. They are
         kept as one tuple, replaced in one assignment, as frames of the old version may still be running."""
         current = getattr(self, "_version", None)
@@ -378,7 +342,7 @@ class DetectionNode(Node[SettingsT]):
             self._version = current
         return current[1], current[2]
 
-    def label_filter(self, loaded: LoadedModel) -> set[int] | None:
+    def label_filter(self, loaded: CompiledModel) -> set[int] | None:
         """Class ids to keep (None: all)."""
         return None
 
@@ -387,32 +351,24 @@ class DetectionNode(Node[SettingsT]):
 
     def detect(self, ctx: Context, image: np.ndarray) -> list[Detection]:
         """The boxes the model finds in ``image`` (gray or BGR), in its pixels, after threshold and NMS."""
-        loaded = self.slot.current
-        assert loaded is not None
-        if image.ndim == 2:
-            image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise NodeError(f"needs a gray or BGR image, got shape {image.shape}")
+        loaded = self.loaded()
         height, width = image.shape[:2]
-        if height < 2 or width < 2:
-            raise NodeError(f"image {width}x{height} is too small for model '{loaded.name}'")
         decoder, labels = self._decoder(loaded)
         settings = self.settings
-        fitted = fit_image(image, loaded.input_size, decoder.family_fit if settings.fit == "auto" else settings.fit)
+        fitted = self.fit(image, loaded, decoder.family_fit if settings.fit == "auto" else settings.fit)
         try:
             candidates = decoder(loaded.infer(fitted.batch))
         except ValueError as error:
             raise NodeError(f"model '{loaded.name}' version {loaded.version}: {error}") from None
         model_h, model_w = loaded.input_size
-        boxes = candidates.boxes * np.array([model_w, model_h, model_w, model_h], np.float32)
-        boxes -= np.array([*fitted.pad, *fitted.pad], np.float32)
-        boxes *= np.array([*fitted.scale, *fitted.scale], np.float32)
+        corners = candidates.boxes.reshape(-1, 2) * np.array([model_w, model_h], np.float32)
+        boxes = fitted.points_to_image(corners).reshape(-1, 4).astype(np.float32)
         boxes = np.clip(boxes, 0, np.array([width, height, width, height], np.float32))
         points = None
         if candidates.keypoints is not None and candidates.keypoints.shape[1]:
             # Not clipped: an ear or an eye may lie outside the image when the face is cut by its edge.
-            points = (candidates.keypoints * np.array([model_w, model_h], np.float32) - np.array(fitted.pad, np.float32))
-            points = (points * np.array(fitted.scale, np.float32)).reshape(len(points), -1)
+            keypoints = candidates.keypoints.reshape(-1, 2) * np.array([model_w, model_h], np.float32)
+            points = fitted.points_to_image(keypoints).astype(np.float32).reshape(len(candidates.keypoints), -1)
         usable = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & np.isfinite(candidates.scores)
         wanted = self.label_filter(loaded)
         if wanted is not None:
@@ -426,13 +382,12 @@ class DetectionNode(Node[SettingsT]):
                                                                         settings.max_labels)),
             weighted=decoder.family_weighted if settings.nms == "auto" else settings.nms == "weighted",
             class_aware=self.class_aware(), extras=None if points is None else points[usable])
-        ctx.setdefault("models", []).append({"node": self.id, "model": loaded.name, "version": loaded.version,
-                                            "device": loaded.device})
+        self.record(ctx, loaded)
         pairs: list[tuple[tuple[float, float], ...]] = (
             [()] * len(kept) if kept_points is None
             else [tuple((float(x), float(y)) for x, y in row.reshape(-1, 2)) for row in kept_points])
         return [Detection(float(x0), float(y0), float(x1), float(y1), float(score),
-                          labels.get(int(class_id)) or LabelSpec(id=int(class_id), name=f"class {class_id}", color=None),
+                          labels.get(int(class_id)) or self.label(loaded, int(class_id)),
                           keypoints)
                 for (x0, y0, x1, y1), score, class_id, keypoints in zip(kept, scores, class_ids, pairs, strict=True)]
 
@@ -441,13 +396,13 @@ class Detect(DetectionNode[DetectSettings]):
     settings_model = DetectSettings
 
     @classmethod
-    def check_labels(cls, settings: DetectSettings, spec: DetectSpec) -> list[tuple[tuple[str | int, ...], str]]:
+    def check_labels(cls, settings: DetectSettings, spec: DetectSpec) -> Problems:
         known = {label.name for label in spec.labels}
         return [(("labels", index), f"model '{settings.model}' has no label '{name}'"
                                     f"{' (labels: ' + ', '.join(sorted(known)) + ')' if known else ''}")
                 for index, name in enumerate(settings.labels or []) if name not in known]
 
-    def label_filter(self, loaded: LoadedModel) -> set[int] | None:
+    def label_filter(self, loaded: CompiledModel) -> set[int] | None:
         if self.settings.labels is None:
             return None
         return {label.id for label in loaded.spec.labels if label.name in self.settings.labels}

@@ -27,11 +27,11 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from appliance.nodes import NODE_TYPES
-from appliance.nodes.base import ModelNodeSettings, NodeSettings
+from appliance.nodes.base import ModelNodeSettings, NodeSettings, OverridableSettings
 
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "docs" / "nodes.md"
 _BLOCK = re.compile(r"(<!-- settings: (?P<name>[^ ]+) -->\n)(?P<body>.*?)(<!-- end settings -->)", re.S)
-COMMON, MODEL = "common", "model"
+COMMON, MODEL, OVERRIDES = "common", "model", "overrides"
 
 
 def _literal_values(annotation: Any) -> tuple[Any, ...] | None:
@@ -166,8 +166,22 @@ def entries_table(name: str, models: list[type[BaseModel]]) -> list[str]:
     return lines
 
 
+def overrides_table() -> list[str]:
+    """Per node type, what a request may set and in what range: read from the one declaration (each settings
+    model's `override_ranges`, nodes/base.py)."""
+    lines = ["| node type | a request may set (where `overrides` lists it) |", "|---|---|"]
+    for tag, node_type in NODE_TYPES.items():
+        model = node_type.settings_model
+        if issubclass(model, OverridableSettings):
+            taken = ", ".join(f"`{name}` {low:g} to {high:g}" for name, (low, high) in model.override_ranges.items())
+            lines.append(f"| {tag} | {taken or 'nothing'} |")
+    return lines
+
+
 def block(name: str) -> str:
-    """The generated part for a node type (or `common`, `model`)."""
+    """The generated part for a node type (or `common`, `model`, `overrides`)."""
+    if name == OVERRIDES:
+        return "\n".join(overrides_table()) + "\n"
     if name == COMMON:
         return "\n".join(settings_table({k: v for k, v in NodeSettings.model_fields.items()})) + "\n"
     if name == MODEL:
@@ -187,7 +201,7 @@ def block(name: str) -> str:
 def render(text: str) -> str:
     """``text`` with every generated part rewritten; raises ValueError for a missing or unknown part."""
     names = [match.group("name") for match in _BLOCK.finditer(text)]
-    wanted = [COMMON, MODEL, *NODE_TYPES]
+    wanted = [COMMON, MODEL, OVERRIDES, *NODE_TYPES]
     missing = [name for name in wanted if name not in names]
     unknown = [name for name in names if name not in wanted]
     if missing or unknown or len(names) != len(set(names)):

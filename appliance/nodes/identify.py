@@ -20,31 +20,33 @@ import numpy as np
 from appliance.context import Context
 from appliance.face_chips import chip_padding, face_chip
 from appliance.faces_gallery import Gallery
-from appliance.nodes.base import Node, NodeEnvironment, stored_spec
+from appliance.nodes.base import NodeEnvironment, Problems
+from appliance.nodes.model import ModelNode
 from appliance.nodes.settings import IdentifySettings
-from appliance.runtime.models import ModelSlot
-from appliance.runtime.spec import FeaturesSpec
+from appliance.runtime.spec import FeaturesSpec, ModelSpec
 
 
-class Identify(Node[IdentifySettings]):
+class Identify(ModelNode[IdentifySettings]):
     settings_model = IdentifySettings
+    spec_kind = FeaturesSpec
 
     @classmethod
-    def check(cls, settings: IdentifySettings, env: NodeEnvironment) -> list[tuple[tuple[str | int, ...], str]]:
-        spec, problems = stored_spec(settings.model, env, FeaturesSpec)
-        if spec is not None and spec.input.size[0] != spec.input.size[1]:
-            problems.append((("model",), f"model '{settings.model}' takes {spec.input.size[1]}x{spec.input.size[0]} "
-                                         "images; a face descriptor model takes square chips"))
+    def check(cls, settings: IdentifySettings, env: NodeEnvironment) -> Problems:
+        problems = super().check(settings, env)
         gallery = env.project_dir / settings.gallery
         if gallery.exists() and not gallery.is_dir():
             problems.append((("gallery",), f"{gallery} is a file; the gallery is a folder of <name>.npy files"))
         return problems
 
+    @classmethod
+    def check_spec(cls, settings: IdentifySettings, spec: ModelSpec) -> Problems:
+        if spec.input.size[0] != spec.input.size[1]:
+            return [(("model",), f"model '{settings.model}' takes {spec.input.size[1]}x{spec.input.size[0]} "
+                                 "images; a face descriptor model takes square chips")]
+        return []
+
     def prepare(self) -> None:
-        assert self.env.runtime is not None
-        self.slot: ModelSlot = self.env.runtime.slot(self.settings.model, self.settings.device)
-        if self.slot.current is None:
-            self.slot.load()
+        super().prepare()
         self.gallery = Gallery(Path(self.env.project_dir) / self.settings.gallery)
 
     def unavailable(self) -> str | None:
@@ -55,8 +57,7 @@ class Identify(Node[IdentifySettings]):
         return None
 
     def run(self, ctx: Context) -> None:
-        loaded = self.slot.current
-        assert loaded is not None
+        loaded = self.loaded()
         self.gallery.refresh()
         image = ctx["image"]
         size = loaded.input_size[0]
@@ -73,5 +74,4 @@ class Identify(Node[IdentifySettings]):
             face["identity"] = match.name if known else None
             face["distance"] = round(match.distance, 4) if match.name is not None else None
             face["nearest"] = match.name
-        ctx.setdefault("models", []).append({"node": self.id, "model": loaded.name, "version": loaded.version,
-                                            "device": loaded.device})
+        self.record(ctx, loaded)

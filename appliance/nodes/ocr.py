@@ -26,11 +26,14 @@ from typing import Any
 import cv2
 import numpy as np
 
+from appliance.config.profile import reshape_refused
 from appliance.context import Context
-from appliance.nodes.base import Node, NodeEnvironment, NodeError, requested
+from appliance.nodes.base import NodeEnvironment, NodeError, requested
+from appliance.nodes.model import ModelNode, bgr_or_grey
 from appliance.nodes.settings import MAX_REC_WIDTH, OcrSettings
-from appliance.runtime.devices import core
-from appliance.runtime.models import InputShape, LoadedModel, ModelSlot
+from appliance.runtime.compiled import CompiledModel, InputShape
+from appliance.runtime.models import ModelSlot
+from appliance.runtime.openvino import network_info
 from appliance.runtime.spec import OcrSpec, read_spec
 from appliance.runtime.store import StoreError, network_file, resolve_version
 
@@ -55,11 +58,8 @@ def read_alphabet(version_dir: Path) -> list[str]:
     OpenVINO exposes as rt_info `framework/character`; a network without it may carry `alphabet.txt`.
     """
     path = network_file(version_dir)
-    text: str | None = None
-    model = core().read_model(str(path))
-    if model.has_rt_info(["framework", "character"]):
-        text = model.get_rt_info(["framework", "character"]).astype(str)
-    elif (version_dir / "alphabet.txt").is_file():
+    text = network_info(version_dir, "framework", "character")
+    if text is None and (version_dir / "alphabet.txt").is_file():
         text = (version_dir / "alphabet.txt").read_text(encoding="utf-8").rstrip("\n")
     if not text:
         raise StoreError(f"{path}: no alphabet (ONNX metadata 'character' or alphabet.txt beside it)")
@@ -246,7 +246,7 @@ def text_matches(pattern: re.Pattern[str], text: str) -> bool:
 ROLES = {"det_model": "detector", "rec_model": "recogniser", "cls_model": "angle classifier"}
 
 
-class Ocr(Node[OcrSettings]):
+class Ocr(ModelNode[OcrSettings]):
     settings_model = OcrSettings
 
     @classmethod
@@ -257,6 +257,9 @@ class Ocr(Node[OcrSettings]):
                 re.compile(settings.expected)
             except re.error as error:
                 problems.append((("expected",), f"not a regular expression: {error}"))
+        refused = reshape_refused(env.config.firmware_profile)
+        if refused is not None:
+            problems.append((("type",), refused))
         store = env.project_dir / env.config.models_dir
         for field, role in ROLES.items():
             if field == "cls_model" and not settings.angle_classifier:
@@ -278,11 +281,9 @@ class Ocr(Node[OcrSettings]):
         if self.settings.shapes != "auto":
             return self.settings.shapes == "static"
         assert self.env.runtime is not None
-        return "NPU" in (self.settings.device or self.env.runtime.options.device).upper()
+        return self.env.runtime.options.static_shapes  # the firmware profile's (the NPU's)
 
     def prepare(self) -> None:
-        runtime = self.env.runtime
-        assert runtime is not None
         s = self.settings
         static = self._static()
         side = max(32, s.det_limit // 32 * 32)
@@ -293,18 +294,15 @@ class Ocr(Node[OcrSettings]):
         }
         names = {"det": s.det_model, "rec": s.rec_model, "cls": s.cls_model}
         self.static = static
-        self.slots: dict[str, ModelSlot] = {}
-        for role in ("det", "rec", "cls") if s.angle_classifier else ("det", "rec"):
-            slot = runtime.slot(names[role], s.device, shapes[role])
-            if slot.current is None:
-                slot.load()
-            self.slots[role] = slot
+        self.slots: dict[str, ModelSlot] = {
+            role: self.model_slot(names[role], shapes[role])
+            for role in (("det", "rec", "cls") if s.angle_classifier else ("det", "rec"))}
         self._alphabet_lock = threading.Lock()
-        self._alphabet: tuple[LoadedModel | None, list[str]] = (None, [])
+        self._alphabet: tuple[CompiledModel | None, list[str]] = (None, [])
         self._labels(self.slots["rec"].current)  # a recogniser without its alphabet stops the start
         self.pattern = re.compile(s.expected) if s.expected is not None else None
 
-    def _labels(self, rec: LoadedModel | None) -> list[str]:
+    def _labels(self, rec: CompiledModel | None) -> list[str]:
         """The CTC labels of this recogniser version (read again after a version switch)."""
         assert rec is not None
         loaded, labels = self._alphabet
@@ -313,14 +311,14 @@ class Ocr(Node[OcrSettings]):
         with self._alphabet_lock:
             if self._alphabet[0] is not rec:
                 labels = read_alphabet(resolve_version(self.slots["rec"].store, rec.name, rec.version))
-                classes = rec.compiled.outputs[0].get_partial_shape()[-1]
-                if classes.is_static and classes.get_length() != len(labels):
-                    raise StoreError(f"model '{rec.name}' version {rec.version}: {classes.get_length()} classes "
+                classes = rec.outputs[0].shape[-1] if rec.outputs and rec.outputs[0].shape else -1
+                if classes > 0 and classes != len(labels):
+                    raise StoreError(f"model '{rec.name}' version {rec.version}: {classes} classes "
                                      f"but an alphabet of {len(labels)} labels (with blank and space)")
                 self._alphabet = (rec, labels)
             return self._alphabet[1]
 
-    def _recognise(self, rec: LoadedModel, lines: list[np.ndarray], labels: list[str]) -> list[tuple[str, float]]:
+    def _recognise(self, rec: CompiledModel, lines: list[np.ndarray], labels: list[str]) -> list[tuple[str, float]]:
         width_limit = self.settings.rec_width if self.static else MAX_REC_WIDTH
         fitted = [_fit_height(line, width_limit) for line in lines]
         results: list[tuple[str, float]] = [("", 0.0)] * len(lines)
@@ -337,7 +335,7 @@ class Ocr(Node[OcrSettings]):
                 results[index] = ctc_greedy(probabilities[row], labels, self.settings.space_threshold)
         return results
 
-    def _upright(self, cls: LoadedModel, lines: list[np.ndarray]) -> list[bool]:
+    def _upright(self, cls: CompiledModel, lines: list[np.ndarray]) -> list[bool]:
         """Which lines the classifier finds upside down (probability of 180 degrees over cls_threshold)."""
         fitted = [_fit_height(line, CLS_WIDTH) for line in lines]
         flipped: list[bool] = []
@@ -350,18 +348,15 @@ class Ocr(Node[OcrSettings]):
 
     def run(self, ctx: Context) -> None:
         s = self.settings
-        det, rec = self.slots["det"].current, self.slots["rec"].current
-        cls = self.slots["cls"].current if "cls" in self.slots else None
-        assert det is not None and rec is not None
+        det, rec = self.loaded(self.slots["det"]), self.loaded(self.slots["rec"])
+        cls = self.loaded(self.slots["cls"]) if "cls" in self.slots else None
         labels = self._labels(rec)
-        image = ctx["image"]
-        if image.ndim == 2:
-            image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise NodeError(f"needs a gray or BGR image, got shape {ctx['image'].shape}")
+        image = bgr_or_grey(ctx["image"], 1, det.name)
         height, width = image.shape[:2]
         if height < 8 or width < 8:
             raise NodeError(f"image {width}x{height} is too small to read text in")
+        if image.ndim == 2:
+            image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)  # lines are cut from it in colour
         batch, sx, sy, used_w, used_h = detector_input(image, s.det_limit, self.static)
         output = det.infer(batch[None])
         probability = np.asarray(output[det.output_names[0]], np.float32).reshape(batch.shape[:2])
@@ -370,9 +365,7 @@ class Ocr(Node[OcrSettings]):
         # Detector pixels -> the node's image: corners are pixel centres of the map, scaled to pixel edges.
         boxes = [((corners + 0.5) * (sx, sy)).clip(0, (width, height)) for corners, _ in found]
         lines = [crop_line(image, box, s.crop_margin) for box in boxes]
-        used = [{"node": self.id, "model": m.name, "version": m.version, "device": m.device}
-                for m in (det, rec, cls) if m is not None]
-        ctx.setdefault("models", []).extend(used)
+        self.record(ctx, *(m for m in (det, rec, cls) if m is not None))
         if cls is not None and lines:
             lines = [cv2.rotate(line, cv2.ROTATE_180) if turn else line
                      for line, turn in zip(lines, self._upright(cls, lines), strict=True)]

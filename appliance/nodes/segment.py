@@ -15,10 +15,12 @@ import cv2
 import numpy as np
 
 from appliance.context import Context
-from appliance.nodes.base import Node, NodeEnvironment, NodeError, label_name, requested, stored_spec
+from appliance.nodes.base import label_name, requested
+from appliance.nodes.model import ModelNode
 from appliance.nodes.settings import SegmentSettings
-from appliance.runtime.models import LoadedModel, ModelSlot
-from appliance.runtime.spec import LabelSpec, SegmentSpec
+from appliance.runtime.compiled import CompiledModel
+from appliance.runtime.openvino import SEGMENT_CLASS, SEGMENT_PROBABILITY
+from appliance.runtime.spec import SegmentSpec
 
 
 def class_probabilities(maps: np.ndarray, activation: str) -> np.ndarray:
@@ -52,46 +54,40 @@ def class_map(output: np.ndarray, threshold: float, activation: str, background:
     return np.where(confidence >= threshold, best, -1), confidence
 
 
-class Segment(Node[SegmentSettings]):
+def thresholded(best: np.ndarray, probability: np.ndarray, threshold: float, classes: int, background: int | None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The graph's best class and probability per pixel -> (class id, -1 under the threshold; probability)."""
+    ids = best.reshape(best.shape[-2:]).astype(np.int32)
+    confidence = probability.reshape(probability.shape[-2:]).astype(np.float32)
+    if classes == 1:
+        ids[:] = 1 if background == 0 else 0  # as class_map: one foreground class
+    return np.where(confidence >= threshold, ids, -1), confidence
+
+
+class Segment(ModelNode[SegmentSettings]):
     settings_model = SegmentSettings
+    spec_kind = SegmentSpec
 
-    @classmethod
-    def check(cls, settings: SegmentSettings, env: NodeEnvironment) -> list[tuple[tuple[str | int, ...], str]]:
-        return stored_spec(settings.model, env, SegmentSpec)[1]
-
-    def prepare(self) -> None:
-        assert self.env.runtime is not None
-        self.slot: ModelSlot = self.env.runtime.slot(self.settings.model, self.settings.device)
-        if self.slot.current is None:
-            self.slot.load()
-
-    def _label(self, loaded: LoadedModel, class_id: int) -> LabelSpec:
-        for label in loaded.spec.labels:
-            if label.id == class_id:
-                return label
-        return LabelSpec(id=class_id, name=f"class {class_id}", color=None)
+    def _class_map(self, loaded: CompiledModel, outputs: dict[str, np.ndarray], threshold: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        in_graph = getattr(loaded, "segment_outputs", None)
+        wanted = self.settings.activation
+        first = outputs[loaded.output_names[0]]
+        if in_graph is not None and wanted in ("auto", in_graph.activation):
+            return thresholded(outputs[SEGMENT_CLASS], outputs[SEGMENT_PROBABILITY], threshold,
+                               first.shape[1] if first.ndim == 4 else 1, self.settings.background)
+        return class_map(np.asarray(first), threshold, wanted, self.settings.background)
 
     def run(self, ctx: Context) -> None:
-        loaded = self.slot.current
-        assert loaded is not None
-        image = ctx["image"]
-        if image.ndim == 2:
-            image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-        height, width = image.shape[:2]
-        if height < 2 or width < 2:
-            raise NodeError(f"image {width}x{height} is too small for model '{loaded.name}'")
-        model_h, model_w = loaded.input_size
-        interpolation = cv2.INTER_AREA if height * width > model_h * model_w else cv2.INTER_LINEAR
-        output = loaded.infer(cv2.resize(image, (model_w, model_h), interpolation=interpolation)[None])
+        loaded = self.loaded()
+        fitted = self.fit(ctx["image"], loaded)
+        outputs = loaded.infer(fitted.batch)
         threshold = float(requested(ctx, self.settings, "threshold",
                                     requested(ctx, self.settings, "min_confidence", self.settings.threshold)))
-        ids, confidence = class_map(np.asarray(output[loaded.output_names[0]]), threshold,
-                                    self.settings.activation, self.settings.background)
-        ctx.setdefault("models", []).append({"node": self.id, "model": loaded.name, "version": loaded.version,
-                                            "device": loaded.device})
-        map_h, map_w = ids.shape
-        sx, sy = width / map_w, height / map_h
-        to_image = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]])
+        ids, confidence = self._class_map(loaded, outputs, threshold)
+        self.record(ctx, loaded)
+        to_image = fitted.to_image(*ids.shape)
+        sx, sy = to_image[0, 0], to_image[1, 1]
         foreground = ids >= 0
         if self.settings.background is not None:
             foreground &= ids != self.settings.background
@@ -102,19 +98,20 @@ class Segment(Node[SegmentSettings]):
         for class_id in np.unique(ids[foreground]):
             mask = (ids == class_id).astype(np.uint8)
             count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+            # Every region's probability sum in one pass over the map, not one pass per region.
+            sums = np.bincount(labels.reshape(-1), weights=confidence.reshape(-1), minlength=count)
             for index in range(1, count):
                 x, y, w, h, area = stats[index]
                 image_area = float(area * sx * sy)
                 if image_area >= self.settings.min_area:
-                    regions.append((image_area, int(class_id), (x, y, w, h, labels == index)))
+                    regions.append((image_area, int(class_id), (x, y, w, h, float(sums[index] / area))))
         regions.sort(key=lambda region: -region[0])
         limit = int(requested(ctx, self.settings, "max_labels", self.settings.max_labels))
         summary: dict[int, dict[str, Any]] = {}
         # Areas are reported in input-frame pixels, like the rectangles (crops and resizes before the node).
         to_frame_area = abs(float(np.linalg.det(ctx.to_frame[:2, :2])))
-        for image_area, class_id, (x, y, w, h, inside) in regions[:limit]:
-            label = self._label(loaded, class_id)
-            mean_confidence = float(confidence[inside].mean())
+        for image_area, class_id, (x, y, w, h, mean_confidence) in regions[:limit]:
+            label = self.label(loaded, class_id)
             rectangle = ctx.add_rectangle(self.id, x * sx, y * sy, w * sx, h * sy, label=label_name(label, ctx),
                                           confidence=mean_confidence, source_type="SURFACE",
                                           color=label.color, class_id=class_id)

@@ -8,7 +8,7 @@ generated from the field descriptions here (`python -m appliance.nodes.docs`).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from appliance.nodes.base import ModelNodeSettings, NodeSettings, Overridable
+from appliance.nodes.base import DeviceSettings, ModelNodeSettings, NodeSettings, OverridableSettings
 from appliance.runtime.spec import DecoderName
 
 COLOR_PATTERN = r"^#[0-9a-fA-F]{6}$"
@@ -198,10 +198,10 @@ class EvaluateSettings(NodeSettings):
 class AnomalySettings(ModelNodeSettings):
     """An anomaly model on the image (or the ROI before it): `score`, `threshold`, a heat map, and `UNSUPERVISED`
     rectangles around anomalous regions. Runs models trained by `appliance train anomaly` and anomalib's OpenVINO
-    exports (`pred_score`, `anomaly_map`). Only `threshold` can be overridden by a request (any positive number:
-    scores are distances)."""
+    exports (`pred_score`, `anomaly_map`)."""
 
     type: Literal["anomaly@1"]
+    override_ranges: ClassVar[dict[str, tuple[float, float]]] = {"threshold": (1e-6, 1e6)}
     threshold: PositiveFloat | None = Field(None, description="image score at or above which the part is anomalous "
                                             "(`score_below` in evaluate@1 uses it); null: the model's")
     pixel_threshold: PositiveFloat | None = Field(None, description="map value above which a pixel belongs to a "
@@ -305,6 +305,7 @@ class IdentifySettings(ModelNodeSettings):
     128-D descriptor of a 150x150 chip aligned on BlazeFace's eyes and mouth, and the nearest enrolled one."""
 
     type: Literal["identify@1"]
+    override_ranges: ClassVar[dict[str, tuple[float, float]]] = {}  # nothing a request could change here
     model: str = Field(DEFAULT_DESCRIPTOR_MODEL, min_length=1, description="store name of a `features` model "
                        "taking square face chips")
     gallery: str = Field(DEFAULT_GALLERY, min_length=1, description="folder of enrolled people, relative to the "
@@ -315,7 +316,7 @@ class IdentifySettings(ModelNodeSettings):
                                 "descriptor that still names the person")
 
 
-class DemographicsSettings(NodeSettings):
+class DemographicsSettings(DeviceSettings):
     """Age and gender of every face in `faces` (a faces@1 node before this one), from dlib's age predictor and
     gender classifier on 64x64 and 32x32 face chips aligned as identify@1's are."""
 
@@ -323,13 +324,13 @@ class DemographicsSettings(NodeSettings):
     age_model: str = Field("age", min_length=1, description="age network in the project's store (81 classes); "
                            "`check` refuses a model that is not a demographics model of that role")
     gender_model: str = Field("gender", min_length=1, description="gender network in the project's store")
-    device: str | None = Field(None, description="OpenVINO device for both models instead of the profile's")
 
 
-class OcrSettings(NodeSettings):
+class OcrSettings(DeviceSettings, OverridableSettings):
     """Text lines read by a text detector and a recogniser (PP-OCRv4, `make models`): one rotated box per text
     region of the detector's probability map, each cut out upright, optionally turned by the angle classifier,
-    and read with greedy CTC decoding."""
+    and read with greedy CTC decoding. Overrides: `threshold` replaces the box threshold, `min_confidence` the
+    text one, `max_labels` the lines kept."""
 
     type: Literal["ocr@1"]
     det_model: str = Field("ocr_det", min_length=1, description="text detector (DB) in the project's store")
@@ -337,13 +338,11 @@ class OcrSettings(NodeSettings):
     cls_model: str = Field("ocr_cls", min_length=1, description="0/180 degree line classifier, with angle_classifier")
     angle_classifier: bool = Field(False, description="turn lines the classifier finds upside down (about 1 ms a "
                                    "line)")
-    device: str | None = Field(None, description="OpenVINO device for the three models instead of the profile's")
-    overrides: list[Overridable] = Field(default_factory=list, description="query parameters a request may set: "
-                                         "threshold (box), min_confidence (text), max_labels (lines)")
     shapes: Literal["auto", "dynamic", "static"] = Field(
         "auto", description="dynamic: the detector sees the image at its aspect ratio and lines are read at their "
                             "own length (CPU, GPU); static: the image letterboxed into a det_limit square, each "
-                            "line read at rec_width (what an NPU needs); auto: static on an NPU")
+                            "line read at rec_width (what an NPU needs); auto: static where the firmware "
+                            "profile has static_shapes (the NPU)")
     det_limit: int = Field(736, ge=32, le=4096, description="longer side of the image as the detector sees it "
                            "(multiples of 32; small images are enlarged)")
     rec_width: int = Field(320, ge=48, le=MAX_REC_WIDTH, description="static: width every line is read at; "

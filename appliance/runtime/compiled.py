@@ -39,6 +39,9 @@ class InputDescription:
     # True when the backend brings a frame of any size to the model itself (resize inside the graph): the node
     # then hands the frame as it is. False (a remote model, the NPU's static shapes): the node resizes first.
     any_size: bool = False
+    # The input's name as clients name it (the spec's `input.name`, else the network's); added for the kserve
+    # dialect, which serves every model under the names its backend describes.
+    name: str = "input"
 
     @property
     def size(self) -> tuple[int, int]:

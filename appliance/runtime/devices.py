@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from urllib.parse import urlsplit
 
 import openvino as ov
 
@@ -59,8 +60,21 @@ def _present_candidates(device: str, available: list[str]) -> str:
     return f"{kind}:{','.join(present)}"
 
 
+def _remote_host(profile: FirmwareProfile) -> str:
+    """The remote's host and port, never its path or query (where a key could hide), nor an unset variable."""
+    assert profile.remote is not None
+    try:
+        url = profile.remote.resolved_url()
+    except ValueError as error:
+        return f"(url not set: {error})"
+    return urlsplit(url).netloc or url
+
+
 def place(profile: FirmwareProfile, available: list[str] | None = None) -> Placement:
     """Resolve a profile's device against what OpenVINO sees (RELIABILITY 11.4: never fall back silently)."""
+    if profile.remote is not None:
+        # No OpenVINO device here: the models run on the KServe server (whether it answers is checked at load).
+        return Placement(profile.name, profile.device, profile.device, f"remote KServe server {_remote_host(profile)}")
     available = available_devices() if available is None else available
     shown = ", ".join(available) or "none"
     if _present(profile.device, available):

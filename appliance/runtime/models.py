@@ -1,5 +1,6 @@
-"""Loaded models: compiled once per version on the profile's device, inferred from worker threads, swapped
-between versions without a gap (RELIABILITY 12).
+"""Model slots: each model a project's nodes use, compiled once per version by the backend the firmware profile
+chooses (runtime/openvino.py in this process, runtime/remote.py on a KServe v2 server; both `CompiledModel`s),
+inferred from worker threads, swapped between versions without a gap (RELIABILITY 12).
 
 Nodes hold a `ModelSlot` and read `slot.current` once per frame, so a request that started on one version
 finishes on it while a new version is compiled beside it and then put in place with one assignment.
@@ -8,23 +9,17 @@ finishes on it while a new version is compiled beside it and then put in place w
 from __future__ import annotations
 
 import logging
-import queue
 import tempfile
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-import numpy as np
-import openvino as ov
-from openvino.preprocess import ColorFormat, PrePostProcessor
-
-from appliance.config.profile import FirmwareProfile
+from appliance.config.profile import FirmwareProfile, RemoteSettings
 from appliance.paths import openvino_cache
-from appliance.runtime.devices import core
-from appliance.runtime.spec import ModelSpec, read_spec
-from appliance.runtime.store import StoreError, network_file, read_current, resolve_version, switch_current
+from appliance.runtime.compiled import CompiledModel, InputShape
+from appliance.runtime.openvino import OpenVinoModel
+from appliance.runtime.store import StoreError, read_current, resolve_version, switch_current
 
 log = logging.getLogger(__name__)
 
@@ -45,135 +40,44 @@ def usable_cache_dir(path: Path | None) -> Path | None:
 
 @dataclass(frozen=True)
 class RuntimeOptions:
+    """How a project's models are compiled and run: what the firmware profile says, resolved on this machine."""
+
     device: str
     properties: dict[str, Any] = field(default_factory=dict)
     cache_dir: Path | None = None
+    # The NPU compiles only static shapes: no dynamic dimension, no resize in the graph (nodes resize).
+    static_shapes: bool = False
+    # PERFORMANCE_HINT where `properties` do not set one (LATENCY: one request on all cores; THROUGHPUT: streams).
+    performance: Literal["latency", "throughput"] | None = None
+    # Set: every model runs on this KServe v2 server (runtime/remote.py), none in this process.
+    remote: RemoteSettings | None = None
 
     @classmethod
     def from_profile(cls, profile: FirmwareProfile, device: str, cache_dir: Path | None) -> RuntimeOptions:
-        return cls(device, dict(profile.properties), usable_cache_dir(cache_dir) if profile.cache else None)
+        # The profile's PERFORMANCE_HINT property, where it sets one, is what `performance` means for every
+        # device of the project (a node's own device included).
+        hint = str(profile.properties.get("PERFORMANCE_HINT", profile.performance)).lower()
+        return cls(device, dict(profile.properties), usable_cache_dir(cache_dir) if profile.cache else None,
+                   static_shapes=profile.static_shapes,
+                   performance="latency" if hint == "latency" else "throughput", remote=profile.remote)
 
-
-# (batch, height, width) a node compiles a model at instead of the spec's (1, height, width); -1 leaves that
-# dimension dynamic (CPU and GPU only: the NPU needs every dimension static).
-InputShape = tuple[int, int, int]
-
-
-def _adapt_input(model: ov.Model, spec: ModelSpec, input_shape: InputShape | None = None) -> ov.Model:
-    """Make every model take what frames are: u8 NHWC BGR at the spec's size (static), or at `input_shape`."""
-    batch, height, width = input_shape or (1, *spec.input.size)
-    layout = spec.input.layout
-    shape = [batch, height, width, 3] if layout == "NHWC" else [batch, 3, height, width]
-    model.reshape({model.inputs[0].get_any_name(): shape} if model.inputs[0].get_names() else {0: shape})
-    wanted = spec.input
-    if wanted.element_type == "u8" and layout == "NHWC" and wanted.colour_order == "BGR":
-        return model
-    ppp = PrePostProcessor(model)
-    tensor = ppp.input().tensor()
-    tensor.set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC")).set_color_format(ColorFormat.BGR)
-    ppp.input().model().set_layout(ov.Layout(layout))
-    steps = ppp.input().preprocess()
-    if wanted.colour_order == "RGB":
-        steps.convert_color(ColorFormat.RGB)
-    steps.convert_element_type(ov.Type.f32 if wanted.element_type == "f32" else ov.Type.u8)
-    if wanted.element_type == "f32":
-        if wanted.scale != 1.0:
-            steps.scale(1.0 / wanted.scale)
-        if wanted.mean is not None:
-            steps.mean(list(wanted.mean))
-        if wanted.std is not None:
-            steps.scale(list(wanted.std))
-    return ppp.build()
-
-
-def _takes_precision_hint(device: str) -> bool:
-    """Whether ``device`` lists INFERENCE_PRECISION_HINT (the NPU does not); AUTO and HETERO pass it on."""
-    try:
-        supported = core().get_property(device.split(":")[0].split(".")[0], "SUPPORTED_PROPERTIES")
-    except RuntimeError:
-        return True
-    return device.startswith(("AUTO", "HETERO", "MULTI")) or "INFERENCE_PRECISION_HINT" in supported
+    def for_device(self, device: str) -> RuntimeOptions:
+        """A node's own device: the profile's properties are for the profile's device, its quirks still hold."""
+        return replace(self, device=device, properties={})
 
 
 class RuntimeObserver(Protocol):
     """What the runtime reports (the server's metrics implement it)."""
 
-    def inference(self, model: LoadedModel, seconds: float) -> None: ...
+    def inference(self, model: CompiledModel, seconds: float) -> None: ...
 
     def model_loaded(self, name: str, swapped: bool) -> None: ...
 
     def model_load_failed(self, name: str) -> None: ...
 
 
-class LoadedModel:
-    """One compiled version with its pool of infer requests (as many as the device runs best at once)."""
-
-    def __init__(self, name: str, version_dir: Path, options: RuntimeOptions,
-                 observer: RuntimeObserver | None = None, input_shape: InputShape | None = None):
-        started = time.perf_counter()
-        self.observer = None  # the warm-up inference is not a served one
-        self.name = name
-        self.version = version_dir.name
-        self.spec = read_spec(version_dir)
-        self.device = options.device
-        config = dict(options.properties)
-        if self.spec.precision is not None and _takes_precision_hint(options.device):
-            # The model's need wins over the profile's choice (and over a node's device, which has no properties).
-            config["INFERENCE_PRECISION_HINT"] = self.spec.precision
-        if options.cache_dir is not None:
-            config["CACHE_DIR"] = str(options.cache_dir)
-        try:
-            network = core().read_model(str(network_file(version_dir)))
-            network = _adapt_input(network, self.spec, input_shape)
-            self.compiled = core().compile_model(network, options.device, config)
-        except RuntimeError as error:
-            # OpenVINO's messages run over many lines, led by source locations ("Exception from src/...:84:",
-            # "Check '...' failed at ..."); the last line says what is wrong (RELIABILITY 11.3).
-            lines = [line.strip() for line in str(error).splitlines() if line.strip()
-                     and not line.startswith("Exception from ") and " failed at src/" not in line]
-            reason = (lines[-1] if lines else "unknown error")[:300]
-            raise StoreError(f"model '{name}' version {self.version}: cannot compile on {options.device}: "
-                             f"{reason}") from None
-        self.output_names = [output.get_any_name() for output in self.compiled.outputs]
-        slots = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-        self.slots = max(1, slots)
-        self._idle: queue.SimpleQueue[ov.InferRequest] = queue.SimpleQueue()
-        for _ in range(self.slots):
-            self._idle.put(self.compiled.create_infer_request())
-        try:
-            hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
-            self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
-        except RuntimeError:
-            self.precision = "unknown"
-        try:
-            self.execution_devices = list(self.compiled.get_property("EXECUTION_DEVICES"))
-        except RuntimeError:
-            self.execution_devices = [options.device]
-        height, width = self.spec.input.size
-        self.input_shape: InputShape = input_shape or (1, height, width)
-        # A dynamic dimension keeps the spec's size here: the warm-up (and any caller's resize) uses it.
-        self.input_size = (self.input_shape[1] if self.input_shape[1] > 0 else height,
-                           self.input_shape[2] if self.input_shape[2] > 0 else width)
-        self.warm_up()
-        self.load_seconds = time.perf_counter() - started
-        self.observer = observer
-
-    def warm_up(self) -> None:
-        height, width = self.input_size
-        self.infer(np.zeros((max(1, self.input_shape[0]), height, width, 3), np.uint8))
-
-    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Blocking inference of an NxHxWx3 u8 BGR batch, from a worker thread; OpenVINO releases the GIL."""
-        request = self._idle.get()
-        started = time.perf_counter()
-        try:
-            request.infer({0: batch})
-            return {name: request.get_output_tensor(index).data.copy()
-                    for index, name in enumerate(self.output_names)}
-        finally:
-            self._idle.put(request)
-            if self.observer is not None:
-                self.observer.inference(self, time.perf_counter() - started)
+# The OpenVINO backend under the name its callers (training, supply, benches) have always used.
+LoadedModel = OpenVinoModel
 
 
 _POINTER_LOCKS: dict[Path, threading.RLock] = {}
@@ -196,7 +100,7 @@ class ModelSlot:
                  input_shape: InputShape | None = None):
         self.store, self.name, self.options, self.runtime = store, name, options, runtime
         self.input_shape = input_shape
-        self.current: LoadedModel | None = None
+        self.current: CompiledModel | None = None
         self.failed_version: str | None = None
         self.lock = pointer_lock(store / name)
 
@@ -204,11 +108,17 @@ class ModelSlot:
     def follows_pointer(self) -> bool:
         return True
 
-    def _compile(self, version: str | None) -> LoadedModel:
+    def _compile(self, version: str | None) -> CompiledModel:
         observer = self.runtime.observer
         try:
-            loaded = LoadedModel(self.name, resolve_version(self.store, self.name, version), self.options, observer,
-                                 self.input_shape)
+            version_dir = resolve_version(self.store, self.name, version)
+            loaded: CompiledModel
+            if self.options.remote is not None:
+                from appliance.runtime.remote import RemoteModel
+
+                loaded = RemoteModel(self.name, version_dir, self.options.remote, observer, self.input_shape)
+            else:
+                loaded = OpenVinoModel(self.name, version_dir, self.options, observer, self.input_shape)
         except StoreError:
             if observer is not None:
                 observer.model_load_failed(self.name)
@@ -217,14 +127,14 @@ class ModelSlot:
             observer.model_loaded(self.name, swapped=self.current is not None)
         return loaded
 
-    def load(self) -> LoadedModel:
+    def load(self) -> CompiledModel:
         with self.lock:  # a switch of this model finishes first: the slot loads what it confirmed
             self.current = self._compile(None)
         log.info("model %s: version %s on %s (%s) ready in %.2f s", self.name, self.current.version,
                  self.options.device, self.current.precision, self.current.load_seconds)
         return self.current
 
-    def install(self, new: LoadedModel) -> None:
+    def install(self, new: CompiledModel) -> None:
         """Put a compiled version in place with one assignment (requests holding the old one finish on it)."""
         old = self.current
         self.current = new
@@ -251,7 +161,7 @@ class PinnedSlot(ModelSlot):
     def follows_pointer(self) -> bool:
         return False
 
-    def load(self) -> LoadedModel:
+    def load(self) -> CompiledModel:
         self.current = self._compile(self.version)
         return self.current
 
@@ -282,7 +192,7 @@ class Runtime:
                 if inherited is not None:
                     self.slots[key] = inherited
                 else:
-                    options = self.options if device is None else RuntimeOptions(device, {}, self.options.cache_dir)
+                    options = self.options if device is None else self.options.for_device(device)
                     self.slots[key] = self._new_slot(name, options, input_shape)
             return self.slots[key]
 

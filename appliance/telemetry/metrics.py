@@ -98,6 +98,21 @@ class Metrics:
         self.detection_confidence = Histogram("appliance_detection_confidence", "Confidence of each rectangle a "
                                               "detect, faces or ocr node kept", ["node"],
                                               buckets=PROBABILITY_BUCKETS, registry=r)
+        # Remote model servers (firmware profile `remote:`, runtime/remote.py), each labelled by its URL's host
+        # and port only. kind: connect, timeout, disconnected, busy (no free connection), http_4xx, http_5xx,
+        # http_503, answer (not the protocol's), metadata, circuit_open (refused at once by the open breaker).
+        self.remote_requests = Counter("appliance_remote_requests", "Inference calls a remote model server "
+                                       "answered", ["remote"], registry=r)
+        self.remote_failures = Counter("appliance_remote_failures", "Inference calls to a remote model server "
+                                       "that failed, by kind", ["remote", "kind"], registry=r)
+        self.remote_retries = Counter("appliance_remote_retries", "Requests to a remote model server sent again "
+                                      "(connection failed, or 503)", ["remote"], registry=r)
+        self.remote_duration = Histogram("appliance_remote_request_duration_seconds", "One answered inference call "
+                                         "to a remote model server, retries included", ["remote"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.remote_circuit = Gauge("appliance_remote_circuit_state", "Circuit breaker of each remote model server: "
+                                    "0 closed, 1 half-open (the next call tries), 2 open (calls fail at once)",
+                                    ["remote"], registry=r)
         # (histogram, node) -> its child: labels() costs more than observe() and runs per rectangle.
         self._score_children: dict[tuple[int, str], Any] = {}
         # The process: memory, CPU seconds, descriptors (from /proc), and threads.
@@ -177,6 +192,24 @@ class Metrics:
         # bring back the series that the swap removed (one series per loaded version, never a growing set).
         if (model.name, model.version, model.device) in self._serving:
             self.inference_duration.labels(model.name, model.version, model.device).observe(seconds)
+
+    # The remote backend's observer (appliance.runtime.remote.RemoteObserver).
+    def follow_remote(self, remote: str, circuit_state: Callable[[], float]) -> None:
+        """The breaker's gauge reads its state at each scrape (it turns half-open by time, with no call); the
+        counters start at 0 so that increase() sees the first failure."""
+        self.remote_circuit.labels(remote).set_function(circuit_state)
+        self.remote_requests.labels(remote)
+        self.remote_retries.labels(remote)
+
+    def remote_call(self, remote: str, seconds: float) -> None:
+        self.remote_requests.labels(remote).inc()
+        self.remote_duration.labels(remote).observe(seconds)
+
+    def remote_failure(self, remote: str, kind: str) -> None:
+        self.remote_failures.labels(remote, kind).inc()
+
+    def remote_retry(self, remote: str) -> None:
+        self.remote_retries.labels(remote).inc()
 
     def model_loaded(self, name: str, swapped: bool) -> None:
         self.model_loads.labels(name).inc()

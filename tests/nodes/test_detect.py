@@ -215,12 +215,12 @@ def test_yolo_transposed_layout_stretched(detectors: Server) -> None:
                                            ("nut", 15 * 6, 75 * 4.8, 25 * 6, 85 * 4.8, 0.6)])
 
 
-def test_a_frame_that_does_not_shrink_by_a_whole_factor_loses_its_last_columns(detectors: Server) -> None:
-    # 640 is 6.4 x 100: the area resize first shrinks 636 columns by 6 (its fast path) and the last 4 columns
-    # are not seen, so 6.36 frame pixels make one input pixel.
+def test_a_stretched_frame_goes_to_the_graph_whole_and_maps_back_at_its_own_factor(detectors: Server) -> None:
+    # 640 is 6.4 x 100: OpenVINO resizes the whole frame inside the graph (runtime/openvino.py), so every column
+    # is seen and 6.4 frame pixels make one input pixel (OpenCV's area resize used to drop the last 4 columns).
     ctx = analyze(detectors, white_frame(640, 480))
-    assert_boxes(boxes_of(ctx, "yolo_t"), [("bolt", 40 * 6.36, 30 * 4.8, 60 * 6.36, 70 * 4.8, 0.9),
-                                           ("nut", 15 * 6.36, 75 * 4.8, 25 * 6.36, 85 * 4.8, 0.6)])
+    assert_boxes(boxes_of(ctx, "yolo_t"), [("bolt", 40 * 6.4, 30 * 4.8, 60 * 6.4, 70 * 4.8, 0.9),
+                                           ("nut", 15 * 6.4, 75 * 4.8, 25 * 6.4, 85 * 4.8, 0.6)])
 
 
 def test_separate_outputs_tensorflow_style_and_per_class_scores(detectors: Server) -> None:

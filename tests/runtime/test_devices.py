@@ -72,3 +72,11 @@ def test_a_read_only_cache_is_reported_and_skipped(tmp_path, caplog):
     blocked.write_text("x")
     assert usable_cache_dir(blocked / "cache") is None
     assert "model cache disabled" in caplog.text
+
+
+def test_a_profile_with_a_remote_server_is_runnable_without_an_openvino_device():
+    profile = FirmwareProfile.model_validate({"name": "kserve", "description": "remote", "device": "kserve",
+                                             "remote": {"url": "http://10.0.0.5:8000/base"}})
+    placement = place(profile, [])
+    assert (placement.runnable, placement.device, placement.reason) == (
+        True, "kserve", "remote KServe server 10.0.0.5:8000")

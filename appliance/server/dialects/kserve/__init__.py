@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from appliance import __version__
 from appliance.errors import ApplianceError, ServiceUnavailable
-from appliance.runtime.models import LoadedModel
+from appliance.runtime.compiled import CompiledModel
 from appliance.server import core
 from appliance.server.auth import require_key
 from appliance.server.body import read_body
@@ -69,7 +69,7 @@ class KServe(Dialect):
 
     # --- models -----------------------------------------------------------------------------------------------
 
-    async def _loaded(self, request: web.Request) -> LoadedModel:
+    async def _loaded(self, request: web.Request) -> CompiledModel:
         """The version a model path names (404 for an unknown model or version), after the API key."""
         state = self.state
         require_key(request, {}, state.project.api_keys)

@@ -11,10 +11,10 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from appliance.errors import ApplianceError, BadRequest, NotFound
-from appliance.runtime.models import LoadedModel, ModelSlot, Runtime
+from appliance.runtime.compiled import CompiledModel
+from appliance.runtime.models import ModelSlot, Runtime
 from appliance.runtime.store import StoreError, network_file
 from appliance.server.dialects.kserve.tensors import OPENVINO_DATATYPES, TensorSpec
 
@@ -48,15 +48,6 @@ def store_versions(store: Path, name: str) -> list[str]:
                                               version))
 
 
-def _port(port: Any) -> TensorSpec:
-    """An input or output of the compiled model: its name, datatype and shape (-1 for a dynamic dimension)."""
-    names = port.get_names()
-    name = port.get_any_name() if names else f"{port.get_index()}"
-    shape = tuple(dimension.get_length() if dimension.is_static else -1 for dimension in port.get_partial_shape())
-    element = port.get_element_type().get_type_name()
-    return TensorSpec(name, OPENVINO_DATATYPES.get(element, element.upper()), shape)
-
-
 @dataclass(frozen=True)
 class Signature:
     """What one loaded version takes and gives, read once from its compiled model."""
@@ -67,21 +58,24 @@ class Signature:
 
 
 # Read on the event loop only (the handlers resolve the version before the worker runs it).
-_SIGNATURES: weakref.WeakKeyDictionary[LoadedModel, Signature] = weakref.WeakKeyDictionary()
+_SIGNATURES: weakref.WeakKeyDictionary[CompiledModel, Signature] = weakref.WeakKeyDictionary()
 
 
-def signature(loaded: LoadedModel, store: Path) -> Signature:
-    """The compiled model's input (after the appliance's pre-processing: u8 BGR NHWC) and outputs."""
+def signature(loaded: CompiledModel, store: Path) -> Signature:
+    """The model's input as the appliance compiled it (u8 BGR NHWC; a height and width of -1 where the graph
+    resizes any frame) and its outputs, from the backend's description (OpenVINO or remote alike)."""
     found = _SIGNATURES.get(loaded)
     if found is not None:
         return found
-    compiled = loaded.compiled
-    given = _port(compiled.inputs[0])
-    if loaded.spec.input.name and given.name != loaded.spec.input.name:
-        given = TensorSpec(loaded.spec.input.name, given.datatype, given.shape)
-    outputs = tuple(TensorSpec(name, spec.datatype, spec.shape)
-                    for name, spec in zip(loaded.output_names, (_port(port) for port in compiled.outputs),
-                                          strict=True))
+    described = loaded.input
+    shape = described.shape
+    if described.any_size:
+        # The graph would resize any frame, but clients are promised the size the nodes give the model (and
+        # tensors are checked against it): another size is refused saying which one to send.
+        shape = (shape[0], *loaded.input_size, shape[3])
+    given = TensorSpec(described.name,
+                       OPENVINO_DATATYPES.get(described.element_type, described.element_type.upper()), shape)
+    outputs = tuple(TensorSpec(output.name, output.datatype, output.shape) for output in loaded.outputs)
     try:
         platform = PLATFORMS.get(network_file(store / loaded.name / loaded.version).suffix, "openvino")
     except StoreError:
@@ -94,7 +88,7 @@ class ServedModels:
     """The lookup of a model and version named in a KServe path, and the versions pinned by those paths."""
 
     def __init__(self) -> None:
-        self.pinned: OrderedDict[tuple[Path, str, str], LoadedModel] = OrderedDict()
+        self.pinned: OrderedDict[tuple[Path, str, str], CompiledModel] = OrderedDict()
         self._loading = asyncio.Lock()
 
     def slot(self, runtime: Runtime, name: str) -> ModelSlot:
@@ -105,13 +99,13 @@ class ServedModels:
                            "(the models its flows use, by store name)")
         return slot
 
-    def running(self, runtime: Runtime, name: str) -> LoadedModel:
+    def running(self, runtime: Runtime, name: str) -> CompiledModel:
         current = self.slot(runtime, name).current
         if current is None:
             raise ApplianceError(f"model '{name}' is not loaded", status=503, headers={"Retry-After": "1"})
         return current
 
-    async def version(self, runtime: Runtime, name: str, version: str) -> LoadedModel:
+    async def version(self, runtime: Runtime, name: str, version: str) -> CompiledModel:
         """The loaded ``version`` of model ``name``: the running one, or a version of the store compiled beside it
         (in a thread of its own: compiling takes seconds, never in a worker that frames wait for)."""
         slot = self.slot(runtime, name)
@@ -133,7 +127,7 @@ class ServedModels:
             return loaded
 
     @staticmethod
-    def _load(runtime: Runtime, slot: ModelSlot, version: str) -> LoadedModel:
+    def _load(runtime: Runtime, slot: ModelSlot, version: str) -> CompiledModel:
         # The flow's slot options: the same device and input shape as the running version.
         device = None if slot.options == runtime.options else slot.options.device
         pinned = runtime.pinned(version).slot(slot.name, device, slot.input_shape)
