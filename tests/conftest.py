@@ -1,7 +1,10 @@
-"""Fixtures: real servers on 127.0.0.1 (the `appliance serve` process) and projects written to tmp folders."""
+"""Fixtures: real servers on 127.0.0.1 (the `appliance serve` process, or the same application served in this
+process for handler logic) and projects written to tmp folders."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import select
 import shutil
@@ -9,15 +12,21 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import requests
 import yaml
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -109,14 +118,23 @@ def _start_server(project: Path, *extra: str, log_file: Path | None, wait_ready:
     marker = "STOP_INIT_MODEL" if wait_ready else "__SERVER_RUNNING__"
     deadline = time.monotonic() + timeout
     assert process.stdout is not None
+    # Bytes straight from the pipe, never through the text wrapper: its readline() reads ahead whatever is in the
+    # pipe, and when both markers arrived before we woke (a fast start on a busy machine), STOP_INIT_MODEL sat in
+    # its buffer while select() on the empty pipe saw nothing more, and the start "hung" for the whole timeout.
+    stdout = process.stdout.fileno()
+    pending = b""
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stdout], [], [], 0.2)
+        ready, _, _ = select.select([stdout], [], [], 0.2)
         if ready:
-            line = process.stdout.readline()
-            if not line and process.poll() is not None:
-                break
-            server.stdout_lines.append(line.rstrip("\n"))
-            if marker in line:
+            chunk = os.read(stdout, 65536)
+            if not chunk:  # end of the output: the process has exited, or is exiting
+                if process.poll() is not None:
+                    break
+                time.sleep(0.05)
+                continue
+            *lines, pending = (pending + chunk).split(b"\n")
+            server.stdout_lines += [line.decode(errors="replace") for line in lines]
+            if any(marker in line for line in server.stdout_lines):
                 return server
         elif process.poll() is not None:
             break
@@ -146,6 +164,189 @@ def serve(tmp_path: Path) -> Iterator:
         for stream in (server.process.stdout, server.process.stderr):
             if stream:
                 stream.close()
+
+
+class InProcessServer:
+    """A project's application served in this process on 127.0.0.1, built and made ready as `appliance serve`
+    builds it (server/serve.py), without what only a process has: the launch markers on stdout, signals (stop,
+    SIGHUP reload), systemd notify and the watchdog, exit codes. Its event loop runs in a thread of its own, so
+    the real clients (requests, curl, deepomatic-api, tritonclient) talk to it over a real socket, byte for byte
+    as to a process. What it saves: the interpreter start and the imports (about 3 s a server here), and most of
+    each model's compile: every in-process server of the session shares one OpenVINO model cache, as the servers
+    of one machine share systemd's CACHE_DIRECTORY (a warm cache halves a vision project's preparation)."""
+
+    def __init__(self, project_dir: Path, log_file: Path, log_level: str) -> None:
+        self.project_dir = project_dir
+        self.log_file = log_file
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="in-process-server", daemon=True)
+        # The file gets the JSON lines `--log-file` writes, from this process's appliance and aiohttp loggers only
+        # (the test's own clients log URLs with their keys through urllib3: never into this file).
+        self._log_handler = _server_log_handler(log_file)
+        self._loggers = [logging.getLogger(name) for name in ("appliance", "aiohttp")]
+        self._log_levels = [logger.level for logger in self._loggers]
+        for logger in self._loggers:
+            logger.addHandler(self._log_handler)
+            logger.setLevel(log_level)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def app(self):  # type: ignore[no-untyped-def]
+        assert self._runner is not None
+        return self._runner.app
+
+    @property
+    def state(self):  # type: ignore[no-untyped-def]
+        """The server's ServerState (read it; it belongs to the server's event loop)."""
+        from appliance.server.core import STATE
+
+        return self.app[STATE]
+
+    def log_text(self) -> str:
+        self._log_handler.flush()
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def serving(self) -> bool:
+        """The event loop runs and the socket still accepts (a crash in a handler must not take either down)."""
+        if not self._thread.is_alive():
+            return False
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=5).close()
+        except OSError:
+            return False
+        return True
+
+    def start(self, stop_key: str | None, workers: int | None, ready: bool, code_allowed: bool,
+              timeout: float) -> None:
+        from appliance.project import Project
+
+        with pytest.MonkeyPatch.context() as environment:  # read once, when the project loads
+            environment.setenv("CACHE_DIRECTORY", str(_shared_model_cache()))
+            environment.delenv("XDG_CACHE_HOME", raising=False)
+            project = Project.load(self.project_dir, code_allowed=code_allowed)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._serve(project, stop_key, workers, ready), self._loop).result(timeout)
+
+    async def _serve(self, project, stop_key: str | None, workers: int | None,  # type: ignore[no-untyped-def]
+                     ready: bool) -> None:
+        """serve.py's `serve_project` up to STOP_INIT_MODEL, on a port the kernel chooses (no race for it)."""
+        from aiohttp import web
+
+        from appliance.server.app import create_app
+        from appliance.server.core import STATE, queue_depth
+        from appliance.server.serve import CLOSE_GRACE_S
+        from appliance.threads import started_pool
+
+        app = create_app(project, stop_key=stop_key, workers=workers)
+        runner = self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                              shutdown_timeout=CLOSE_GRACE_S)
+        await runner.setup()
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        self.port = listening.getsockname()[1]
+        await web.SockSite(runner, listening).start()
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(started_pool(2, "runtime"))
+        if not ready:
+            return  # as while the flow's models compile: every inspection answers 503 `not ready`
+        await loop.run_in_executor(None, project.prepare)
+        state = app[STATE]
+        state.metrics.describe_models(project.runtime)
+        state.queue_depth = queue_depth(project, state.slots)
+        state.ready = True
+
+    def stop(self) -> None:
+        """aiohttp's cleanup as at the end of serve.py: the dialects, outputs and sources stop, the project's
+        models are released."""
+        try:
+            if self._runner is not None and self._thread.is_alive():
+                asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(60)
+                asyncio.run_coroutine_threadsafe(_end_remaining_tasks(), self._loop).result(30)
+        finally:
+            if self._thread.is_alive():
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(30)
+            if not self._loop.is_running():
+                self._loop.run_until_complete(self._loop.shutdown_default_executor())
+                self._loop.close()
+            for logger, level in zip(self._loggers, self._log_levels, strict=True):
+                logger.removeHandler(self._log_handler)
+                logger.setLevel(level)
+            self._log_handler.close()
+
+
+async def _end_remaining_tasks() -> None:
+    """What asyncio.run does before it closes its loop: a connection's handler still waiting for its next request
+    (a client's keep-alive) is cancelled and awaited, not destroyed pending."""
+    current = asyncio.current_task()
+    remaining = [task for task in asyncio.all_tasks() if task is not current]
+    for task in remaining:
+        task.cancel()
+    await asyncio.gather(*remaining, return_exceptions=True)
+
+
+_model_cache: Path | None = None
+
+
+def _shared_model_cache() -> Path:
+    global _model_cache
+    if _model_cache is None:
+        _model_cache = Path(tempfile.mkdtemp(prefix="appliance-tests-cache-"))
+    return _model_cache
+
+
+def shared_model_cache_env() -> dict[str, str]:
+    """start_server(..., env=shared_model_cache_env()): a process that shares the in-process servers' model cache,
+    where what is tested is not the compile (a restart that must keep a project's state, say)."""
+    return {"CACHE_DIRECTORY": str(_shared_model_cache())}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _model_cache is not None:
+        shutil.rmtree(_model_cache, ignore_errors=True)
+
+
+def _server_log_handler(log_file: Path) -> logging.Handler:
+    from appliance.telemetry.logs import JsonFormatter, ParserErrorFilter, file_handler
+
+    handler = file_handler(log_file)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(ParserErrorFilter())
+    return handler
+
+
+def start_in_process(project: Path, *, stop_key: str | None = None, workers: int | None = None, ready: bool = True,
+                     code_allowed: bool = True, log_file: Path | None = None, log_level: str = "DEBUG",
+                     timeout: float = 120) -> InProcessServer:
+    """Serve ``project`` in this process (InProcessServer); ``ready=False`` leaves the flow unprepared, as a
+    server is while its models compile. Stop it with ``.stop()``."""
+    server = InProcessServer(project, log_file or project / "server.log", log_level)
+    try:
+        server.start(stop_key, workers, ready, code_allowed, timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture
+def serve_in_process() -> Iterator:
+    """serve_in_process(project_dir, **options) serves the project in this process and stops it after the test."""
+    started: list[InProcessServer] = []
+
+    def _serve(project: Path, **options) -> InProcessServer:
+        server = start_in_process(project, **options)
+        started.append(server)
+        return server
+
+    yield _serve
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

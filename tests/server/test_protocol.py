@@ -1,9 +1,11 @@
-"""PEKAT's wire protocol against a real server on 127.0.0.1 (PROTOCOL.md 1-6)."""
+"""PEKAT's wire protocol on 127.0.0.1 (PROTOCOL.md 1-6): the handlers served in this process, the launch markers,
+shared memory from another process and the stop through `appliance serve` processes."""
 
 from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
 from multiprocessing import shared_memory
 
 import cv2
@@ -12,9 +14,18 @@ import pytest
 import requests
 
 from appliance.frames import mosaic_rggb
-from tests.conftest import REPO, slow_project, write_project
+from tests.conftest import REPO, InProcessServer, slow_project, start_in_process, write_project
 
 SPOT_FLOW = (REPO / "flows" / "demo.yaml").read_text()
+
+
+@pytest.fixture(scope="module")
+def spots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+    """projects/dark-spots served in this process (the process of `spots_server` is for what only it shows)."""
+    server = start_in_process(REPO / "projects" / "dark-spots",
+                              log_file=tmp_path_factory.mktemp("spots") / "server.log")
+    yield server
+    server.stop()
 
 
 def part_image(spot: bool, width: int = 1920, height: int = 1080) -> np.ndarray:
@@ -33,14 +44,14 @@ def jpeg(image: np.ndarray) -> bytes:
     return cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
 
 
-def test_ping_version_and_health(spots_server, http):
-    assert http.get(f"{spots_server.url}/ping").text == "pong"
-    assert http.head(f"{spots_server.url}/ping").status_code == 200
+def test_ping_version_and_health(spots, http):
+    assert http.get(f"{spots.url}/ping").text == "pong"
+    assert http.head(f"{spots.url}/ping").status_code == 200
     from packaging.version import Version
-    version = Version(http.get(f"{spots_server.url}/version").text)
+    version = Version(http.get(f"{spots.url}/version").text)
     assert version >= Version("3.18.0") and version.local.startswith("appliance.")
-    assert http.get(f"{spots_server.url}/health/live").status_code == 200
-    ready = http.get(f"{spots_server.url}/health/ready")
+    assert http.get(f"{spots.url}/health/live").status_code == 200
+    ready = http.get(f"{spots.url}/health/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
 
 
@@ -49,8 +60,8 @@ def test_launch_markers_are_printed_in_order(spots_server):
 
 
 @pytest.mark.parametrize("spot, verdict", [(False, True), (True, False)])
-def test_analyze_image_gives_the_verdict_and_the_rectangle_in_frame_pixels(spots_server, http, spot, verdict):
-    response = http.post(f"{spots_server.url}/analyze_image?response_type=context&data=lot-17", data=png(part_image(spot)))
+def test_analyze_image_gives_the_verdict_and_the_rectangle_in_frame_pixels(spots, http, spot, verdict):
+    response = http.post(f"{spots.url}/analyze_image?response_type=context&data=lot-17", data=png(part_image(spot)))
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("application/json")
     ctx = response.json()
@@ -70,26 +81,26 @@ def test_analyze_image_gives_the_verdict_and_the_rectangle_in_frame_pixels(spots
         assert ctx["detectedRectangles"] == []
 
 
-def test_multipart_upload_like_curl_dash_f(spots_server, http):
-    response = http.post(f"{spots_server.url}/analyze_image", files={"file": ("part.jpg", jpeg(part_image(True)))})
+def test_multipart_upload_like_curl_dash_f(spots, http):
+    response = http.post(f"{spots.url}/analyze_image", files={"file": ("part.jpg", jpeg(part_image(True)))})
     assert response.status_code == 200 and response.json()["result"] is False
 
 
 @pytest.mark.parametrize("channels", [1, 3, 4])
-def test_raw_frames_gray_bgr_and_bgra(spots_server, http, channels):
+def test_raw_frames_gray_bgr_and_bgra(spots, http, channels):
     image = part_image(True)
     if channels == 1:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
     elif channels == 4:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2BGRA)
-    response = http.post(f"{spots_server.url}/analyze_raw_image?width=1920&height=1080", data=image.tobytes())
+    response = http.post(f"{spots.url}/analyze_raw_image?width=1920&height=1080", data=image.tobytes())
     assert response.status_code == 200, response.text
     assert response.json()["result"] is False
 
 
-def test_bayer_rg8_frame_is_demosaiced_with_the_right_colours(tmp_path, serve, http):
+def test_bayer_rg8_frame_is_demosaiced_with_the_right_colours(tmp_path, serve_in_process, http):
     project = write_project(tmp_path / "p", {"nodes": {"c": {"type": "color@1", "to": "bgr"}}})
-    server = serve(project)
+    server = serve_in_process(project)
     patches = {"red": (0, 0, 255), "green": (0, 255, 0), "blue": (255, 0, 0), "orange": (0, 128, 255)}
     bgr = np.zeros((64, 256, 3), np.uint8)
     for index, colour in enumerate(patches.values()):
@@ -105,8 +116,8 @@ def test_bayer_rg8_frame_is_demosaiced_with_the_right_colours(tmp_path, serve, h
 
 @pytest.mark.parametrize("response_type", ["image", "annotated_image", "heatmap"])
 @pytest.mark.parametrize("in_body", [True, False])
-def test_image_responses_in_both_context_layouts(spots_server, http, response_type, in_body):
-    url = f"{spots_server.url}/analyze_image?response_type={response_type}&data=x"
+def test_image_responses_in_both_context_layouts(spots, http, response_type, in_body):
+    url = f"{spots.url}/analyze_image?response_type={response_type}&data=x"
     if in_body:
         url += "&context_in_body"
     response = http.post(url, data=png(part_image(True)))
@@ -132,8 +143,8 @@ def test_image_responses_in_both_context_layouts(spots_server, http, response_ty
         assert image.max() == 0  # no heat map in this flow: black
 
 
-def test_jpeg_answer_when_asked(spots_server, http):
-    response = http.post(f"{spots_server.url}/analyze_image?response_type=image&image_format=jpeg&context_in_body",
+def test_jpeg_answer_when_asked(spots, http):
+    response = http.post(f"{spots.url}/analyze_image?response_type=image&image_format=jpeg&context_in_body",
                          data=png(part_image(False)))
     length = int(response.headers["ImageLen"])
     assert response.content[:3] == b"\xff\xd8\xff"
@@ -155,10 +166,10 @@ def test_shared_memory_frame_from_another_process(spots_server, http):
         block.unlink()
 
 
-def test_api_key_from_query_header_or_bearer(tmp_path, serve, http):
+def test_api_key_from_query_header_or_bearer(tmp_path, serve_in_process, http):
     project = write_project(tmp_path / "p", {"nodes": {"c": {"type": "flip@1", "direction": "both"}}},
                             api_key="s3cret-key")
-    server = serve(project)
+    server = serve_in_process(project)
     body = png(part_image(False, 64, 48))
     url = f"{server.url}/analyze_image"
     assert http.post(url, data=body).json() == {"status": 401, "message": "missing API key", "data": None}
@@ -173,11 +184,12 @@ def test_api_key_from_query_header_or_bearer(tmp_path, serve, http):
     # Ping, version and health stay open.
     for path in ("/ping", "/version", "/health/live", "/health/ready", "/metrics"):
         assert http.get(server.url + path).status_code == 200
-    assert "s3cret-key" not in server.log_text()
+    log = server.log_text()
+    assert "s3cret-key" not in log and "api_key=***" in log  # the request lines are there, redacted
 
 
-def test_a_project_without_a_key_needs_none(spots_server, http):
-    assert http.post(f"{spots_server.url}/analyze_image", data=png(part_image(False))).status_code == 200
+def test_a_project_without_a_key_needs_none(spots, http):
+    assert http.post(f"{spots.url}/analyze_image", data=png(part_image(False))).status_code == 200
 
 
 def test_stop_with_the_right_key_drains_and_exits_zero(tmp_path, serve, http):
@@ -189,8 +201,8 @@ def test_stop_with_the_right_key_drains_and_exits_zero(tmp_path, serve, http):
     assert server.process.wait(10) == 0
 
 
-def test_stop_without_a_stop_key_is_forbidden(spots_server, http):
-    response = http.get(f"{spots_server.url}/stop?key=abc")
+def test_stop_without_a_stop_key_is_forbidden(spots, http):
+    response = http.get(f"{spots.url}/stop?key=abc")
     assert response.status_code == 403
     assert response.json()["message"] == "stop is disabled for this project"
 
@@ -211,10 +223,10 @@ def test_the_server_keeps_answering_ping_while_frames_are_processed(tmp_path, se
         assert all(f.result().status_code == 200 for f in slow)
 
 
-def test_last_image_answers_the_last_frame_again(tmp_path, serve, http):
+def test_last_image_answers_the_last_frame_again(tmp_path, serve_in_process, http):
     project = write_project(tmp_path / "p", {"nodes": {"f": {"type": "flip@1", "direction": "horizontal"}}},
                             api_key="k")
-    server = serve(project)
+    server = serve_in_process(project)
     assert http.get(f"{server.url}/last_image?api_key=k").json() == {
         "status": 404, "message": "no frame has been analysed yet", "data": None}
     image = part_image(True, 64, 48)

@@ -16,7 +16,7 @@ import requests
 import yaml
 from skimage import data as skdata
 
-from tests.conftest import REPO, Server, start_server
+from tests.conftest import REPO, InProcessServer, start_in_process
 
 KEY = "vision-key"
 COFFEE = cv2.imencode(".jpg", cv2.cvtColor(skdata.coffee(), cv2.COLOR_RGB2BGR))[1].tobytes()
@@ -24,8 +24,9 @@ ASTRONAUT = cv2.imencode(".jpg", cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The demo project as shipped, copied so that its gallery and state files land in a tmp folder."""
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+    """The demo project as shipped, copied so that its gallery and state files land in a tmp folder; served in
+    this process (every request here is handler logic)."""
     source = REPO / "projects" / "vision-api"
     folder = tmp_path_factory.mktemp("vision") / "vision-api"
     folder.mkdir()
@@ -34,13 +35,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     config["models_dir"] = str((source / config["models_dir"]).resolve())
     config["capabilities"] = {name: str((source / path).resolve()) for name, path in config["capabilities"].items()}
     (folder / "project.yaml").write_text(yaml.safe_dump(config))
-    started = start_server(folder, env={"VISION_API_KEY": KEY}, timeout=120)
-    yield started
-    started.stop()
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("VISION_API_KEY", KEY)
+        started = start_in_process(folder)
+        yield started
+        started.stop()
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def ask(server: Server, api: str, image: bytes, capability: str) -> requests.Response:
+def ask(server: InProcessServer, api: str, image: bytes, capability: str) -> requests.Response:
     """One request the way each API's clients send it."""
     url = server.url
     if api == "pekat":

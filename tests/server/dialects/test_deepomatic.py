@@ -1,5 +1,6 @@
-"""Deepomatic v0.7: the real `deepomatic-api` 1.0.0 client and the document's curl lines against a real server of
-a project with the objects and faces capabilities, the store's models and an API key."""
+"""Deepomatic v0.7: the real `deepomatic-api` 1.0.0 client and the document's curl lines against a project with the
+objects and faces capabilities, the store's models and an API key, served in this process on 127.0.0.1; private
+specs kept across a restart of `appliance serve`."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from deepomatic.api.exceptions import ClientError, TaskError
 from deepomatic.api.inputs import ImageInput
 
 from appliance.runtime.store import write_manifest
-from tests.conftest import REPO, needs_tool, start_server, write_project
+from tests.conftest import REPO, needs_tool, shared_model_cache_env, start_in_process, start_server, write_project
 
 KEY = "dm-key"
 HEADERS = {"X-API-KEY": KEY}
@@ -68,8 +69,8 @@ def vision_project(folder: Path, **settings) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("deepomatic")
-    started = start_server(vision_project(folder, api_settings={"deepomatic": {"url_hosts": ["127.0.0.1"],
-                                                                                "url_timeout_s": 2}}))
+    started = start_in_process(vision_project(folder, api_settings={"deepomatic": {"url_hosts": ["127.0.0.1"],
+                                                                                    "url_timeout_s": 2}}))
     yield started
     started.stop()
 
@@ -130,7 +131,8 @@ def test_public_inference_from_a_file_bytes_and_base64(client, spec_id):
         output = spec.inference(inputs=[image], show_discarded=True, max_predictions=5)
         (first, *_) = output["outputs"][0]["labels"]["predicted"]
         assert (first["label_id"], first["label_name"]) == (967, "espresso")
-        assert first["score"] > 0.9 and isinstance(first["threshold"], float)
+        # 0.897 since the frame is resized linearly inside the OpenVINO graph (0.94 with OpenCV's area resize).
+        assert first["score"] > 0.85 and isinstance(first["threshold"], float)
         assert "roi" not in first
 
 
@@ -148,10 +150,10 @@ def test_faces_of_the_astronaut_have_a_normalised_box(client):
 
 def test_max_predictions_caps_predicted_and_discarded_together(client):
     spec = client.RecognitionSpec.retrieve("objects")
-    image = ImageInput(ASTRONAUT, encoding="binary")  # two labels pass the objects flow's 0.1
+    image = ImageInput(ASTRONAUT, encoding="binary")  # two labels pass the objects flow's 0.1: 0.21 and 0.17
     labels = spec.inference(inputs=[image], show_discarded=True, max_predictions=3)["outputs"][0]["labels"]
-    assert [e["label_name"] for e in labels["predicted"]] == ["bobsled", "football helmet"]
-    assert [e["label_name"] for e in labels["discarded"]] == ["go-kart"]
+    assert [e["label_name"] for e in labels["predicted"]] == ["football helmet", "bobsled"]
+    assert [e["label_name"] for e in labels["discarded"]] == ["punching bag"]
     assert all(e["score"] >= e["threshold"] for e in labels["predicted"])
     assert all(e["score"] < e["threshold"] for e in labels["discarded"])
     labels = spec.inference(inputs=[image], max_predictions=3)["outputs"][0]["labels"]
@@ -256,7 +258,7 @@ def test_a_bad_image_fails_its_task_and_the_server_goes_on(client):
 def test_two_inputs_give_two_outputs(client):
     output = client.RecognitionSpec.retrieve("objects").inference(
         inputs=[ImageInput(COFFEE, encoding="binary"), ImageInput(ASTRONAUT, encoding="binary")], max_predictions=1)
-    assert [top({"outputs": [o]}) for o in output["outputs"]] == [["espresso"], ["bobsled"]]
+    assert [top({"outputs": [o]}) for o in output["outputs"]] == [["espresso"], ["football helmet"]]
 
 
 class _Images(BaseHTTPRequestHandler):
@@ -441,9 +443,9 @@ def test_an_app_id_is_accepted_and_ignored(server):
     assert answer.status_code == 200
 
 
-def test_a_body_over_the_limit_is_413(tmp_path, serve):
+def test_a_body_over_the_limit_is_413(tmp_path, serve_in_process):
     project = vision_project(tmp_path, limits={"max_body_bytes": 100_000})
-    server = serve(project)
+    server = serve_in_process(project)
     answer = requests.post(f"{server.url}/v0.7/recognition/public/faces/inference", headers=HEADERS, timeout=10,
                            files={"inputs[0]image.source": ("a.jpg", b"\xff" * 200_000)})
     assert answer.status_code == 413
@@ -453,7 +455,7 @@ def test_a_body_over_the_limit_is_413(tmp_path, serve):
 
 def test_private_specs_persist_across_restarts(tmp_path):
     project = vision_project(tmp_path)
-    first = start_server(project)
+    first = start_server(project, env=shared_model_cache_env())
     try:
         client = Client(api_key=KEY, host=first.url)
         spec = coffee_spec(client)
@@ -463,7 +465,7 @@ def test_private_specs_persist_across_restarts(tmp_path):
         first.stop()
     saved = json.loads((project / ".deepomatic" / "specs.json").read_text())
     assert saved["specs"][str(spec["id"])]["current_version_id"] == version
-    second = start_server(project)
+    second = start_server(project, env=shared_model_cache_env())
     try:
         client = Client(api_key=KEY, host=second.url)
         again = client.RecognitionSpec.retrieve(spec["id"])

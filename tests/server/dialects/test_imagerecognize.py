@@ -1,6 +1,6 @@
-"""The imagerecognize.com API (issue 10) against a real server with the real models of flows/vision/: the
-document's Python example as written, curl, every documented error with its exact body and HTTP status,
-real results, the quota (persisted across a restart) and the cache."""
+"""The imagerecognize.com API (issue 10) on 127.0.0.1 with the real models of flows/vision/: the document's Python
+example as written, curl, every documented error with its exact body and HTTP status, real results and the cache
+from the application served in this process; the quota persisted across a restart of `appliance serve`."""
 
 from __future__ import annotations
 
@@ -22,7 +22,14 @@ from skimage import data as skdata
 
 from appliance.server.dialects import imagerecognize
 from appliance.server.dialects.imagerecognize import accounts
-from tests.conftest import REPO, needs_tool, start_server, write_project
+from tests.conftest import (
+    REPO,
+    needs_tool,
+    shared_model_cache_env,
+    start_in_process,
+    start_server,
+    write_project,
+)
 
 VISION = REPO / "flows" / "vision"
 KEYS = {"example": "YOUR-API-KEY", "line": "line-key", "mes": "mes-key", "tiny": "tiny-key"}
@@ -55,7 +62,7 @@ def server(tmp_path_factory):
                       "text": str(VISION / "text.yaml"), "nsfw": str(REPO / "flows" / "nsfw.yaml")},
         api_settings={"imagerecognize": {"quotas": {"tiny": 2, "mes": 1000}, "cache_size": 3}},
         limits={"body_read_timeout_s": 2})
-    server = start_server(folder, log_level="INFO")
+    server = start_in_process(folder, log_level="INFO")
     yield server
     server.stop()
 
@@ -329,7 +336,7 @@ def test_bad_input_gets_this_apis_errors_and_the_server_keeps_serving(server, ur
                               b"boundary=b\r\nContent-Length: 100\r\n\r\n--b\r\nContent-Disposition: form-data")
     assert answer.split(b"\r\n")[0] in (b"HTTP/1.1 300 Multiple Choices", b"HTTP/1.1 400 Bad Request", b"")
     assert objects(post(url))[0]["name"] == "espresso"
-    assert server.process.poll() is None
+    assert server.serving()
 
 
 def test_the_cores_own_refusals_keep_their_status_in_this_apis_shape(server):
@@ -357,7 +364,7 @@ def test_a_tiny_picture_is_answered_with_the_flows_error_in_data_error(url):
 def test_without_project_keys_any_apikey_passes_and_quota_survives_a_restart(tmp_path):
     folder = vision_project(tmp_path / "open", capabilities={"objects": str(VISION / "objects.yaml")},
                             api_settings={"imagerecognize": {"daily_quota": 2}})
-    server = start_server(folder, log_level="INFO")
+    server = start_server(folder, log_level="INFO", env=shared_model_cache_env())
     try:
         url = f"{server.url}/api/v3"
         error(post(url, key=None), 400, "APIkey missing")
@@ -373,7 +380,7 @@ def test_without_project_keys_any_apikey_passes_and_quota_survives_a_restart(tmp
     saved = json.loads((folder / "imagerecognize-quota.json").read_text())
     assert saved["day"] == date.today().isoformat() and sorted(saved["used"].values()) == [1, 2]
     assert "anything" not in json.dumps(saved)  # apikeys are stored as hashes
-    server = start_server(folder, log_level="INFO")
+    server = start_server(folder, log_level="INFO", env=shared_model_cache_env())
     try:
         error(post(f"{server.url}/api/v3", key="anything"), 402, "Quota limit reached")
         assert json.loads(post(f"{server.url}/api/v3", key="another").text)["data"]["quota"] == 0
@@ -524,22 +531,19 @@ IDENTITIES = {"nodes": {"faces": {"type": "faces@1", "model": "face_full", "mode
                         "identify": {"type": "identify@1"}}}
 
 
-def test_celebrities_names_an_enrolled_person_and_leaves_strangers_out(tmp_path):
+def test_celebrities_names_an_enrolled_person_and_leaves_strangers_out(tmp_path, serve_in_process):
     from appliance.faces_gallery import enrol
 
     folder = vision_project(tmp_path / "gallery", api_keys={"line": "line-key"},
                             capabilities={"faces": str(VISION / "faces.yaml"), "identities": IDENTITIES})
     assert enrol(folder, "Eileen Collins", [cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR)]) == 1
-    server = start_server(folder, log_level="INFO")
-    try:
-        url = f"{server.url}/api/v2/"
-        (person,) = objects(post(url, kind="celebrities", image=ASTRONAUT))
-        assert person["name"] == "Eileen Collins" and person["confidence"] > 90  # the same photo: distance ~0
-        (place,) = person["coordinates"]
-        assert 0.25 < place["x"] < 0.38 and 0.05 < place["y"] < 0.18
-        # The cameraman's face is found, but he is nobody enrolled: left out.
-        cameraman = jpeg(cv2.cvtColor(skdata.camera(), cv2.COLOR_GRAY2RGB))
-        assert len(objects(post(url, kind="detect_faces", image=cameraman))) == 1
-        assert objects(post(url, kind="celebrities", image=cameraman)) == []
-    finally:
-        server.stop()
+    server = serve_in_process(folder, log_level="INFO")
+    url = f"{server.url}/api/v2/"
+    (person,) = objects(post(url, kind="celebrities", image=ASTRONAUT))
+    assert person["name"] == "Eileen Collins" and person["confidence"] > 90  # the same photo: distance ~0
+    (place,) = person["coordinates"]
+    assert 0.25 < place["x"] < 0.38 and 0.05 < place["y"] < 0.18
+    # The cameraman's face is found, but he is nobody enrolled: left out.
+    cameraman = jpeg(cv2.cvtColor(skdata.camera(), cv2.COLOR_GRAY2RGB))
+    assert len(objects(post(url, kind="detect_faces", image=cameraman))) == 1
+    assert objects(post(url, kind="celebrities", image=cameraman)) == []

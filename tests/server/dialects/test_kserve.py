@@ -1,5 +1,6 @@
 """KServe v2 (Open Inference Protocol): the reference client `tritonclient[http]` 2.73.0 and plain HTTP against a
-real server of a project whose flow classifies with EfficientNet-lite0 (PEKAT and KServe on one port).
+project whose flow classifies with EfficientNet-lite0 (PEKAT and KServe on one port), served in this process on
+127.0.0.1.
 
 The store has version 1 of the model and a version 2 that reads the same weights with its input declared RGB:
 the appliance then swaps the frame's channels in the graph, so version 2 answers other probabilities for the
@@ -29,7 +30,7 @@ from appliance.project import Project
 from appliance.runtime.store import write_manifest
 from appliance.server.app import create_app
 from appliance.server.core import STATE
-from tests.conftest import REPO, start_server, write_project
+from tests.conftest import REPO, start_in_process, write_project
 
 MODEL = "efficientnet_lite0"
 ESPRESSO = 967
@@ -75,7 +76,7 @@ def classify_project(folder: Path, **settings) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    started = start_server(classify_project(tmp_path_factory.mktemp("kserve")))
+    started = start_in_process(classify_project(tmp_path_factory.mktemp("kserve")))
     yield started
     started.stop()
 
@@ -102,7 +103,7 @@ def refused(call) -> tuple[int, str]:  # type: ignore[no-untyped-def]
 
 def in_process_probabilities(server, frame: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
     """The same model compiled here as the server compiles it (the project's profile), on the same tensor."""
-    project = Project.load(server.log_file.parent)
+    project = Project.load(server.project_dir)
     project.prepare()
     try:
         return project.runtime.slots[MODEL].current.infer(frame)["probabilities"]
