@@ -106,6 +106,35 @@ class PortTaken(Exception):
     pass
 
 
+def wait_for_marker(process: subprocess.Popen, marker: str, timeout: float, lines: list[str]) -> bool:
+    """Read the process's stdout until a line holds ``marker`` (True), it exits or ``timeout`` passes (False);
+    every line read is appended to ``lines``.
+
+    Bytes straight from the pipe, never through the text wrapper: its readline() reads ahead whatever is in the
+    pipe, and when both launch markers arrived before we woke (a fast start on a busy machine), STOP_INIT_MODEL sat
+    in its buffer while select() on the empty pipe saw nothing more, and the start "hung" for the whole timeout."""
+    assert process.stdout is not None
+    stdout = process.stdout.fileno()
+    pending = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([stdout], [], [], 0.2)
+        if ready:
+            chunk = os.read(stdout, 65536)
+            if not chunk:  # end of the output: the process has exited, or is exiting
+                if process.poll() is not None:
+                    return False
+                time.sleep(0.05)
+                continue
+            *complete, pending = (pending + chunk).split(b"\n")
+            lines += [line.decode(errors="replace") for line in complete]
+            if any(marker in line for line in lines):
+                return True
+        elif process.poll() is not None:
+            return False
+    return False
+
+
 def _start_server(project: Path, *extra: str, log_file: Path | None, wait_ready: bool, env: dict[str, str] | None,
                   timeout: float, log_level: str) -> Server:
     port = free_port()
@@ -116,28 +145,8 @@ def _start_server(project: Path, *extra: str, log_file: Path | None, wait_ready:
                                env={**os.environ, **(env or {})}, text=True)
     server = Server(process, port, log_file, [])
     marker = "STOP_INIT_MODEL" if wait_ready else "__SERVER_RUNNING__"
-    deadline = time.monotonic() + timeout
-    assert process.stdout is not None
-    # Bytes straight from the pipe, never through the text wrapper: its readline() reads ahead whatever is in the
-    # pipe, and when both markers arrived before we woke (a fast start on a busy machine), STOP_INIT_MODEL sat in
-    # its buffer while select() on the empty pipe saw nothing more, and the start "hung" for the whole timeout.
-    stdout = process.stdout.fileno()
-    pending = b""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([stdout], [], [], 0.2)
-        if ready:
-            chunk = os.read(stdout, 65536)
-            if not chunk:  # end of the output: the process has exited, or is exiting
-                if process.poll() is not None:
-                    break
-                time.sleep(0.05)
-                continue
-            *lines, pending = (pending + chunk).split(b"\n")
-            server.stdout_lines += [line.decode(errors="replace") for line in lines]
-            if any(marker in line for line in server.stdout_lines):
-                return server
-        elif process.poll() is not None:
-            break
+    if wait_for_marker(process, marker, timeout, server.stdout_lines):
+        return server
     if process.poll() == 75:
         raise PortTaken()
     process.kill()

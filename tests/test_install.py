@@ -4,7 +4,6 @@ from any folder, and a project that runs on its own, where the unit expects it."
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import requests
 import yaml
 from skimage import data
 
-from tests.conftest import REPO, free_port, needs_tool, start_server, write_project
+from tests.conftest import REPO, free_port, needs_tool, start_server, wait_for_marker, write_project
 from tests.server.test_protocol import part_image, png
 
 
@@ -102,15 +101,8 @@ def _serve_installed(appliance_bin: Path, project: Path, cwd: Path) -> tuple[sub
     process = subprocess.Popen([str(appliance_bin), "serve", str(project), "--port", str(port), "--log-file",
                                 str(cwd / "server.log")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                cwd=cwd)
-    assert process.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if select.select([process.stdout], [], [], 0.2)[0]:
-            line = process.stdout.readline()
-            if "STOP_INIT_MODEL" in line:
-                return process, port
-            if not line and process.poll() is not None:
-                break
+    if wait_for_marker(process, "STOP_INIT_MODEL", 60, []):
+        return process, port
     process.kill()
     raise AssertionError(f"installed server did not start: {process.stderr.read() if process.stderr else ''}")
 

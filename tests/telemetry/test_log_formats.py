@@ -8,7 +8,6 @@ import logging
 import os
 import pty
 import re
-import select
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ import pytest
 import requests
 
 from appliance.telemetry import logs
-from tests.conftest import REPO, free_port, start_server, write_project
+from tests.conftest import REPO, free_port, start_server, wait_for_marker, write_project
 
 KEY = "Journal-Key-31"
 FRAME = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
@@ -88,13 +87,8 @@ def launch(project: Path, stderr_write: int, stderr_read: int, env: dict[str, st
         process.wait(60)
         server.stdout_lines += process.stdout.read().splitlines()
         return server
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        if select.select([process.stdout], [], [], 0.2)[0]:
-            line = process.stdout.readline()
-            server.stdout_lines.append(line.rstrip("\n"))
-            if line.startswith("STOP_INIT_MODEL"):
-                return server
+    if wait_for_marker(process, "STOP_INIT_MODEL", 60, server.stdout_lines):
+        return server
     process.kill()
     raise RuntimeError(f"server did not start: {server.stdout_lines} {b''.join(server.chunks)[-2000:]!r}")
 
