@@ -48,16 +48,11 @@ class SegmentOutputs:
 
 
 def _segment_activation(spec: SegmentSpec, output: ov.Output) -> str | None:
-    """The activation that turns this segmentation output into probabilities, read from the spec's note on the
-    output ("softmax probabilities", "logits"); None when the spec does not say (the node decides per frame)."""
-    note = " ".join((o.note or "") for o in spec.outputs).lower()
+    """The activation that turns this segmentation output into probabilities, as the spec's `activation` names it;
+    None for class ids (integers) or a spec that does not say (the node decides per frame)."""
     if output.get_element_type().is_integral():
         return None
-    if "probabilit" in note:
-        return "none"
-    if "logit" in note:
-        return "sigmoid" if output.get_partial_shape()[1] == 1 else "softmax"
-    return None
+    return spec.activation
 
 
 def append_segment_outputs(model: ov.Model, activation: str) -> None:

@@ -159,6 +159,10 @@ class FeaturesSpec(ModelSpec):
 class SegmentSpec(ModelSpec):
     task: Literal["segment"]
     outputs: list[TensorOutput] = Field(default_factory=list)
+    activation: Literal["softmax", "sigmoid", "none"] | None = Field(
+        default=None, description="what turns the first output (1 x C x H x W) into probabilities: `none` (it holds "
+        "them), `softmax` (logits, one class per pixel), `sigmoid` (logits of one class); unset: segment@1 decides "
+        "per frame from the values, in Python")
 
 
 DecoderName = Literal["ssd", "yolo", "yolo_transposed", "separate", "blazeface"]

@@ -20,10 +20,10 @@ LABELS = [{"id": 0, "name": "background"}, {"id": 1, "name": "rust", "color": "#
           {"id": 2, "name": "paint", "color": "#0000ff"}]
 
 
-def save_segmenter(store: Path, name: str, class_ids: bool, note: str | None = None) -> None:
+def save_segmenter(store: Path, name: str, class_ids: bool, activation: str | None = None) -> None:
     """Per pixel: background logit 0, 'rust' 20 (R - G/2 - B/2 - 0.3), 'paint' the same for blue.
-    With ``class_ids`` the model returns the argmax as integer ids instead of the logits. With a ``note`` on the
-    output ("logits") the runtime appends the best class and its probability to the graph."""
+    With ``class_ids`` the model returns the argmax as integer ids instead of the logits. With the spec's
+    ``activation`` ("softmax") the runtime appends the best class and its probability to the graph."""
     image = ops.parameter([1, 3, 32, 32], ov.Type.f32, name="input")
     red, green, blue = ops.split(image, ops.constant(np.int64(1)), 3).outputs()
 
@@ -43,8 +43,8 @@ def save_segmenter(store: Path, name: str, class_ids: bool, note: str | None = N
     spec = {"task": "segment", "labels": LABELS,
             "input": {"size": [32, 32], "element_type": "f32", "layout": "NCHW", "colour_order": "RGB",
                       "scale": 1 / 255}}
-    if note is not None:
-        spec["outputs"] = [{"name": "classes", "note": note}]
+    if activation is not None:
+        spec["activation"] = activation
     (version_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
     write_manifest(version_dir)
     switch_current(store / name, "1")
@@ -68,7 +68,7 @@ def segmenter(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     }}
     project = write_project(tmp_path_factory.mktemp("segment") / "p", flow)
     save_segmenter(project / "models", "colours", class_ids=request.param == "class_ids",
-                   note="logits" if request.param == "logits_in_graph" else None)
+                   activation="softmax" if request.param == "logits_in_graph" else None)
     server = start_server(project)
     yield server
     server.stop()
@@ -124,12 +124,12 @@ def test_small_regions_are_dropped(tmp_path: Path) -> None:
 
 
 def test_argmax_and_softmax_in_the_graph_give_the_numpy_answer(tmp_path: Path) -> None:
-    """The same logits, post-processed by the graph (spec note "logits") and by numpy (no note): same rectangles,
+    """The same logits, post-processed by the graph (spec activation "softmax") and by numpy (none named): same rectangles,
     areas and mean probabilities, to float noise."""
     answers = []
-    for note in (None, "logits"):
-        project = write_project(tmp_path / f"p{note}", {"nodes": {"surface": {"type": "segment@1", "model": "c"}}})
-        save_segmenter(project / "models", "c", class_ids=False, note=note)
+    for activation in (None, "softmax"):
+        project = write_project(tmp_path / f"p{activation}", {"nodes": {"surface": {"type": "segment@1", "model": "c"}}})
+        save_segmenter(project / "models", "c", class_ids=False, activation=activation)
         server = start_server(project)
         try:
             answers.append(requests.post(f"{server.url}/analyze_image", data=panel()).json())

@@ -25,7 +25,7 @@ from appliance.runtime.store import StoreError, switch_current, write_manifest
 SIZE = 16
 
 
-def save_mirror(store: Path, task: str = "classify", note: str | None = None) -> Path:
+def save_mirror(store: Path, task: str = "classify", activation: str | None = None) -> Path:
     """A network that returns its input (f32, NCHW, RGB, pixel / 255): what the graph made of the frame."""
     image = ops.parameter([1, 3, SIZE, SIZE], ov.Type.f32, name="input")
     output = ops.multiply(image, ops.constant(np.float32(1))).output(0)
@@ -35,8 +35,8 @@ def save_mirror(store: Path, task: str = "classify", note: str | None = None) ->
     ov.save_model(ov.Model([output], [image], "mirror"), version_dir / "model.xml")
     spec: dict = {"task": task, "input": {"size": [SIZE, SIZE], "element_type": "f32", "layout": "NCHW",
                                           "colour_order": "RGB", "scale": 1 / 255}}
-    if note is not None:
-        spec["outputs"] = [{"name": "mirror", "note": note}]
+    if activation is not None:
+        spec["activation"] = activation
     (version_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
     write_manifest(version_dir)
     switch_current(store / "mirror", "1")
@@ -105,7 +105,7 @@ def test_a_profile_without_a_hint_property_uses_its_performance_key(tmp_path: Pa
 
 
 def test_a_segmentation_network_gets_its_best_class_and_probability_in_the_graph(tmp_path: Path) -> None:
-    model = OpenVinoModel("mirror", save_mirror(tmp_path, "segment", "logits"), RuntimeOptions("CPU"))
+    model = OpenVinoModel("mirror", save_mirror(tmp_path, "segment", "softmax"), RuntimeOptions("CPU"))
     assert model.output_names == ["mirror", SEGMENT_PROBABILITY, SEGMENT_CLASS]
     # Pure red, green, blue thirds: class 0 (red, the network's RGB order) wins on the first, 2 on the last.
     camera = np.zeros((SIZE, 3 * SIZE, 3), np.uint8)
