@@ -397,6 +397,20 @@ def _unreadable_block_message(bare: str, path: str) -> str:
             "\"Camera scripts of another user\")")
 
 
+PAGE = 4096
+
+
+def page_aligned(size: int) -> np.ndarray:
+    """An uninitialised uint8 buffer that starts on a page boundary, for the kernel to copy a frame into.
+
+    numpy's own buffers start 16 bytes into a page (malloc's header), and the kernel's copy into such an address
+    is slow on this AMD EPYC: preadv of a 6.2 MB block took 4.3-5.3 ms of CPU into a reused numpy buffer against
+    0.75-1.4 ms into the same memory at a page boundary (/dev/shm block, thread CPU time, median of 300)."""
+    raw = np.empty(size + PAGE, np.uint8)
+    start = -raw.ctypes.data % PAGE
+    return raw[start:start + size]
+
+
 def read_shared_memory(name: str, width: int, height: int, *, color: ColorMode = "bgr",
                        shm_dir: str = "/dev/shm") -> Frame:
     """Copy a client's block out with one preadv; never map it, keep it open or unlink it (RELIABILITY 6)."""
@@ -420,7 +434,7 @@ def read_shared_memory(name: str, width: int, height: int, *, color: ColorMode =
         pixels = width * height
         if size not in (pixels, pixels * 3, pixels * 4):
             raise BadRequest(_size_message(f"segment '{bare}'", size, width, height))
-        buffer = np.empty(size, np.uint8)
+        buffer = page_aligned(size)
         # A client may truncate its block at any time: a short read is an error, a mapping would be SIGBUS.
         read = os.preadv(fd, [buffer.data], 0)
         if read != size:

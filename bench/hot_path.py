@@ -2,14 +2,17 @@
 
 One run measures the same flow (crop + evaluate, after demosaicing for Bayer input) fed 1920x1080 frames:
 in-process (no HTTP), and over HTTP with a raw BGR body, a Bayer RG8 body, a JPEG body and shared memory, at 1
-and 8 concurrent clients. It prints requests/s, p50/p99 latency, and each path's ratio to its in-process twin.
-Client and server share this machine's cores, as a camera script beside the appliance would.
+and 8 concurrent clients. It prints requests/s, p50/p99 latency, each path's ratio to its in-process twin, and the
+server process's CPU per request (user + system, from /proc: steadier than latency when other work shares the
+cores). Client and server share this machine's cores, as a camera script beside the appliance would; the load
+average before the run is printed with the tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -46,6 +49,12 @@ def test_frame() -> np.ndarray:
     chelsea = cv2.cvtColor(data.chelsea(), cv2.COLOR_RGB2BGR)
     side = np.hstack([astronaut, cv2.resize(chelsea, (512, 512))])
     return cv2.resize(side, (WIDTH, HEIGHT))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system time of a process so far (/proc/PID/stat, in clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def summary(latencies: list[float], elapsed: float) -> dict[str, float]:
@@ -98,6 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0, help="measuring time per row")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     cv2.setNumThreads(2)
     frame = test_frame()
     mosaic = frames.mosaic_rggb(frame)
@@ -148,7 +158,10 @@ def main() -> None:
                 for kind, ceiling in ceilings.items():
                     rows.append((f"in-process ({kind})", clients, ceiling, ceiling))
                 for name, kind, endpoint, make_request in paths:
+                    cpu_before = cpu_seconds(server.process.pid)
                     result = asyncio.run(over_http(server.url + endpoint, make_request, clients, args.seconds))
+                    # The warm-up requests are in the CPU too: a handful against thousands.
+                    result["server_cpu_ms"] = (cpu_seconds(server.process.pid) - cpu_before) / result["n"] * 1000
                     rows.append((name, clients, result, ceilings[kind]))
         finally:
             server.stop()
@@ -170,12 +183,16 @@ def main() -> None:
             times.append(time.perf_counter() - started)
         print(f"| {name} | {statistics.median(times) * 1000:.1f} | {size} |")
     print(f"\nHot path, 1920x1080 frames, flow crop + evaluate, {args.seconds:g} s per row, "
-          f"client and server on the same {__import__('os').cpu_count()} cores\n")
-    print("| path | clients | req/s | p50 ms | p99 ms | in-process p50 ms | overhead p50 ms | throughput ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"client and server on the same {os.cpu_count()} cores; load average {load_before:.1f} before the run, "
+          f"{os.getloadavg()[0]:.1f} after\n")
+    print("| path | clients | req/s | p50 ms | p99 ms | in-process p50 ms | overhead p50 ms | throughput ratio | "
+          "server CPU ms per request |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, clients, result, ceiling in rows:
+        cpu = f"{result['server_cpu_ms']:.2f}" if "server_cpu_ms" in result else "-"
         print(f"| {name} | {clients} | {result['rps']:.1f} | {result['p50']:.2f} | {result['p99']:.2f} | "
-              f"{ceiling['p50']:.2f} | {result['p50'] - ceiling['p50']:+.2f} | {result['rps'] / ceiling['rps']:.2f} |")
+              f"{ceiling['p50']:.2f} | {result['p50'] - ceiling['p50']:+.2f} | {result['rps'] / ceiling['rps']:.2f} | "
+              f"{cpu} |")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from appliance.runtime.spec import AnomalySpec, ModelSpec
 
 
 class Anomaly(ModelNode[AnomalySettings]):
+    takes_gray = True
     settings_model = AnomalySettings
     spec_kind = AnomalySpec
 

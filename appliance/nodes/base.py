@@ -135,6 +135,11 @@ class Node(Generic[SettingsT]):
     """A node is a synchronous function of the context, run in a worker thread, never on the event loop."""
 
     settings_model: ClassVar[type[NodeSettings]]
+    # True when the node's result on a grey frame is its result on that frame's BGR conversion (cv2.COLOR_GRAY2BGR,
+    # what `color: bgr` applies): it ignores colour, or converts grey itself that same way. A flow of such nodes
+    # gets a Mono8 camera's frames grey (server/acquisition.py), which spares the conversion of every frame. Not
+    # for Code hooks (promised BGR), fills that take a colour (mask, rotate) or nodes that cut colour chips (faces).
+    takes_gray: ClassVar[bool] = False
 
     @property
     def override_ranges(self) -> dict[str, tuple[float, float]]:

@@ -42,6 +42,7 @@ def scores_from_outputs(raw: np.ndarray, exclusive: bool, activation: str) -> np
 
 
 class Classify(ModelNode[ClassifySettings]):
+    takes_gray = True
     settings_model = ClassifySettings
     spec_kind = ClassifySpec
 

@@ -10,6 +10,7 @@ from appliance.nodes.settings import ColorSettings
 
 
 class Color(Node[ColorSettings]):
+    takes_gray = True
     settings_model = ColorSettings
 
     def run(self, ctx: Context) -> None:

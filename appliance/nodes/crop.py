@@ -10,6 +10,7 @@ from appliance.nodes.settings import CropSettings
 
 
 class Crop(Node[CropSettings]):
+    takes_gray = True
     settings_model = CropSettings
 
     def run(self, ctx: Context) -> None:

@@ -393,6 +393,7 @@ class DetectionNode(ModelNode[SettingsT]):
 
 
 class Detect(DetectionNode[DetectSettings]):
+    takes_gray = True
     settings_model = DetectSettings
 
     @classmethod

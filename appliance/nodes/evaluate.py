@@ -54,6 +54,7 @@ def _passes(rule: Any, ctx: Context) -> tuple[bool, str]:
 
 
 class Evaluate(Node[EvaluateSettings]):
+    takes_gray = True
     settings_model = EvaluateSettings
 
     def run(self, ctx: Context) -> None:

@@ -13,6 +13,7 @@ _CODES = {"horizontal": 1, "vertical": 0, "both": -1}
 
 
 class Flip(Node[FlipSettings]):
+    takes_gray = True
     settings_model = FlipSettings
 
     def run(self, ctx: Context) -> None:

@@ -247,6 +247,7 @@ ROLES = {"det_model": "detector", "rec_model": "recogniser", "cls_model": "angle
 
 
 class Ocr(ModelNode[OcrSettings]):
+    takes_gray = True
     settings_model = OcrSettings
 
     @classmethod

@@ -11,6 +11,7 @@ from appliance.nodes.settings import ResizeSettings
 
 
 class Resize(Node[ResizeSettings]):
+    takes_gray = True
     settings_model = ResizeSettings
 
     def run(self, ctx: Context) -> None:

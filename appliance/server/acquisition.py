@@ -3,14 +3,16 @@
 Each source reads in its own thread and hands frames to the event loop (`deliver`), which inspects them through
 the same queue, deadline and workers as HTTP requests and offers the results to the outputs. Sources start once
 the project is ready; a frame that finds this source's `in_flight` frames all busy, or the core's queue full, is
-dropped and counted, never queued without bound. The frame's source, id and time reach the flow as
-`context["data"]` (JSON), so a Code hook or an output can tell frames apart. `POST /sources/{name}/trigger` takes
-one frame from a camera in software-trigger mode.
+dropped and counted, never queued without bound. A gray frame (a Mono8 camera) reaches a flow whose every node
+takes gray as it is, without the BGR conversion of the project's `color: bgr` (`takes_gray`). The frame's source,
+id and time reach the flow as `context["data"]` (JSON), so a Code hook or an output can tell frames apart.
+`POST /sources/{name}/trigger` takes one frame from a camera in software-trigger mode.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from typing import Any
@@ -19,6 +21,7 @@ from aiohttp import web
 
 from appliance import frames
 from appliance.errors import ApplianceError, NotFound
+from appliance.project import Project
 from appliance.server import core
 from appliance.server.auth import require_key
 from appliance.server.core import STATE, ServerState
@@ -28,6 +31,11 @@ from appliance.server.render import Answer
 from appliance.sources.base import Acquired, Source
 
 log = logging.getLogger("appliance.sources")
+
+def takes_gray(project: Project, capability: str | None) -> bool:
+    """Whether the flow that inspects a source's frames (the project's, or the capability's) may get them gray."""
+    runner = project.runner if capability is None else project.capabilities.get(capability)
+    return runner is not None and all(node.takes_gray for node in runner.graph.nodes.values())
 
 
 class Acquisition:
@@ -45,7 +53,7 @@ class Acquisition:
             await asyncio.sleep(0.05)
         loop = asyncio.get_running_loop()
         for source in self.sources:
-            source.start(loop, self.deliver)
+            source.start(loop, self.deliver, busy=functools.partial(self.busy.__getitem__, source.name))
 
     async def stop(self) -> None:
         await asyncio.gather(*(asyncio.to_thread(source.stop) for source in self.sources))
@@ -54,8 +62,9 @@ class Acquisition:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
     def deliver(self, source: Source[Any], frame: Acquired) -> None:
+        source.reached_loop += 1
         source.count("acquired")
-        if self.state.draining or self.busy[source.name] >= source.settings.in_flight:
+        if frame.image is None or self.state.draining or self.busy[source.name] >= source.settings.in_flight:
             source.dropped += 1
             source.count("dropped")
             return
@@ -67,10 +76,14 @@ class Acquisition:
     async def _inspect(self, source: Source[Any], frame: Acquired) -> None:
         state = self.state
         verdicts: list[bool] = []
-        color = state.project.config.color
+        image = frame.image
+        assert image is not None  # deliver() drops frames that were not read out
+        project, capability = state.project, source.settings.capability
+        gray_as_is = image.ndim == 2 and takes_gray(project, capability)
 
         def decode() -> frames.Frame:
-            return frames.Frame(frames.to_color_mode(frame.image, color), source.name, [])
+            return frames.Frame(image if gray_as_is else frames.to_color_mode(image, project.config.color),
+                                source.name, [])
 
         def render(inspection: Inspection) -> Answer:
             verdicts.append(inspection.verdict)

@@ -2,9 +2,11 @@
 
 A source reads frames in a thread of its own (cameras and files block) and hands each to the event loop, which
 inspects it through the same queue and workers as an HTTP request (`core.inspect`) and offers the result to the
-outputs. A frame that arrives while `in_flight` of this source's frames are still being inspected is dropped and
-counted: the line's rate is the camera's, never a queue that grows. A source that fails (a camera unplugged, a
-stream gone) is opened again after a backoff, and reported on /health and in the metrics meanwhile.
+outputs. A frame that arrives while `in_flight` of this source's frames are still being inspected (or on their way
+to the event loop) is dropped and counted: the line's rate is the camera's, never a queue that grows; a kind asks
+`has_room()` first, so that such a frame is not even copied out of the camera or decoded. A source that fails (a
+camera unplugged, a stream gone) is opened again after a backoff, and reported on /health and in the metrics
+meanwhile.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -47,7 +49,9 @@ class SourceSettings(BaseModel):
 class Acquired:
     """One frame from a source: BGR or gray pixels, the source's own id and time for it."""
 
-    image: np.ndarray
+    # None: the frame arrived while the pipeline had no room for it (`Source.has_room`) and was not read out; it
+    # is counted as acquired and dropped.
+    image: np.ndarray | None
     frame_id: str
     timestamp: float  # seconds since the epoch, as the source stamped the frame (else when it was read)
     path: str | None = None  # a file the frame came from (folder sources move it after inspection)
@@ -80,6 +84,10 @@ class Source(Generic[SettingsT]):
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Frames handed to the event loop (written by the source's thread only) and frames the loop took (by the
+        # loop only): their difference is what waits in the loop's queue, without a lock.
+        self.sent_to_loop = self.reached_loop = 0
+        self._busy: Callable[[], int] = lambda: 0
 
     # --- what a kind implements ---------------------------------------------------------------------------
 
@@ -107,8 +115,11 @@ class Source(Generic[SettingsT]):
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def start(self, loop: asyncio.AbstractEventLoop, deliver: Any) -> None:
-        """Read frames in a thread; ``deliver(source, frame)`` is called on ``loop`` for each."""
+    def start(self, loop: asyncio.AbstractEventLoop, deliver: Any, busy: Callable[[], int] | None = None) -> None:
+        """Read frames in a thread; ``deliver(source, frame)`` is called on ``loop`` for each. ``busy()``: how
+        many of this source's frames are being inspected."""
+        if busy is not None:
+            self._busy = busy
         self._thread = threading.Thread(target=self._read, args=(loop, deliver), name=f"source {self.name}",
                                         daemon=True)
         self._thread.start()
@@ -117,6 +128,13 @@ class Source(Generic[SettingsT]):
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def has_room(self) -> bool:
+        """Whether a frame read now would be inspected rather than dropped: fewer than `in_flight` of this source's
+        frames are being inspected or waiting for the event loop. Called in the source's thread before the costly
+        part of reading a frame; a frame without room is yielded with no image. Only a hint: the event loop
+        decides again when the frame reaches it."""
+        return self.sent_to_loop - self.reached_loop + self._busy() < self.settings.in_flight
 
     def count(self, outcome: str) -> None:
         if self.metrics is not None:
@@ -136,6 +154,7 @@ class Source(Generic[SettingsT]):
                     if self._stop.is_set():
                         break
                     self.acquired += 1
+                    self.sent_to_loop += 1
                     loop.call_soon_threadsafe(deliver, self, frame)
                 else:
                     if not self._stop.is_set():

@@ -49,8 +49,11 @@ class VideoSource(Source[VideoSettings]):
         next_at = time.monotonic()
         number = 0
         while not self.stopping:
-            ok, image = self.capture.read()
-            if not ok:
+            # A frame the pipeline has no room for is taken from the stream (grab) but not decoded (retrieve).
+            room = self.has_room()
+            ok = self.capture.grab()
+            image = self.capture.retrieve()[1] if ok and room else None
+            if not ok or room and image is None:
                 return
             number += 1
             yield Acquired(image, str(int(self.capture.get(cv2.CAP_PROP_POS_FRAMES)) or number), time.time())

@@ -33,8 +33,10 @@ def _begin(request: web.Request) -> tuple[ServerState, dict[str, bytes], params.
     state = request.app[STATE]
     query = params.parse_query(request.rel_url.raw_query_string)
     require_key(request, query, state.project.api_keys)
+    # The flow's override ranges are gathered from its nodes: only for a request that sets one.
+    ranges = state.project.override_ranges if any(name in query for name in params.OVERRIDES) else None
     analyze = params.analyze_params(query, max_data_bytes=state.project.config.limits.max_data_bytes,
-                                    ranges=state.project.override_ranges)
+                                    ranges=ranges)
     return state, query, analyze
 
 
@@ -128,7 +130,7 @@ async def last_image(request: web.Request) -> web.Response:
     if ctx is None:
         raise NotFound("no frame has been analysed yet")
     render = _renderer(state, query)
-    answer = await asyncio.get_running_loop().run_in_executor(state.workers, lambda: render(Inspection(ctx)))
+    answer = await state.workers.run(lambda: render(Inspection(ctx)))
     return core.response(answer)
 
 
