@@ -15,6 +15,18 @@ import numpy as np
 
 from appliance.runtime.spec import ModelSpec
 
+# The tensor datatypes of KServe v2 (the names TensorDescription uses) by numpy dtype (BF16 has no numpy type;
+# BYTES is no tensor of numbers), and those of OpenVINO's element types (ov.Type.get_type_name()).
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
+}
+ELEMENT_DATATYPES = {"boolean": "BOOL", "u8": "UINT8", "u16": "UINT16", "u32": "UINT32", "u64": "UINT64",
+                     "i8": "INT8", "i16": "INT16", "i32": "INT32", "i64": "INT64", "f16": "FP16", "f32": "FP32",
+                     "f64": "FP64", "bf16": "BF16"}
+
 # (batch, height, width) a node compiles a model at instead of the spec's (1, height, width); -1 leaves that
 # dimension dynamic (CPU and GPU only: the NPU needs every dimension static).
 InputShape = tuple[int, int, int]

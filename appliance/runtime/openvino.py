@@ -21,7 +21,13 @@ import openvino as ov
 import openvino.opset13 as ops
 from openvino.preprocess import ColorFormat, PrePostProcessor, ResizeAlgorithm
 
-from appliance.runtime.compiled import CompiledModel, InputDescription, InputShape, TensorDescription
+from appliance.runtime.compiled import (
+    ELEMENT_DATATYPES,
+    CompiledModel,
+    InputDescription,
+    InputShape,
+    TensorDescription,
+)
 from appliance.runtime.devices import core
 from appliance.runtime.spec import ModelSpec, SegmentSpec, read_spec
 from appliance.runtime.store import StoreError, network_file
@@ -29,10 +35,6 @@ from appliance.runtime.store import StoreError, network_file
 if TYPE_CHECKING:
     from appliance.runtime.models import RuntimeObserver, RuntimeOptions
 
-# KServe v2 datatypes of OpenVINO's element types (the kserve dialect and metadata show these).
-KSERVE_DATATYPES = {"f32": "FP32", "f16": "FP16", "f64": "FP64", "u8": "UINT8", "i8": "INT8", "i16": "INT16",
-                    "u16": "UINT16", "i32": "INT32", "u32": "UINT32", "i64": "INT64", "u64": "UINT64",
-                    "boolean": "BOOL", "bf16": "BF16"}
 
 # Names of the outputs appended to a segmentation network: the best class per pixel (i32) and its probability.
 SEGMENT_CLASS = "appliance:class"
@@ -135,7 +137,7 @@ def network_info(version_dir: Path, *path: str) -> str | None:
 def _description(port: ov.Output, name: str) -> TensorDescription:
     shape = tuple(dimension.get_length() if dimension.is_static else -1 for dimension in port.get_partial_shape())
     element = port.get_element_type().get_type_name()
-    return TensorDescription(name, KSERVE_DATATYPES.get(element, element.upper()), shape)
+    return TensorDescription(name, ELEMENT_DATATYPES.get(element, element.upper()), shape)
 
 
 class OpenVinoModel(CompiledModel):

@@ -33,7 +33,13 @@ from urllib3.exceptions import ConnectTimeoutError, EmptyPoolError, HTTPError, P
 
 from appliance.config.profile import RemoteSettings, resolve_key
 from appliance.errors import NodeError, ServiceUnavailable
-from appliance.runtime.compiled import CompiledModel, InputDescription, InputShape, TensorDescription
+from appliance.runtime.compiled import (
+    DATATYPES,
+    CompiledModel,
+    InputDescription,
+    InputShape,
+    TensorDescription,
+)
 from appliance.runtime.errors import StoreError
 from appliance.runtime.spec import ModelSpec, read_spec
 from appliance.runtime.store import network_file
@@ -44,13 +50,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-# The protocol's datatypes by name (BF16 has no numpy type; BYTES is no tensor of numbers).
-DATATYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
-}
 SPEC_DATATYPES = {"u8": "UINT8", "f32": "FP32"}
 # A breaker's state as the appliance_remote_circuit_state gauge shows it.
 CLOSED, HALF_OPEN, OPEN = "closed", "half-open", "open"

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.errors import ApplianceError, BadRequest, NotFound
-from appliance.runtime.compiled import CompiledModel
+from appliance.runtime.compiled import ELEMENT_DATATYPES, CompiledModel
 from appliance.runtime.models import ModelSlot, Runtime
 from appliance.runtime.store import StoreError, network_file
-from appliance.server.dialects.kserve.tensors import OPENVINO_DATATYPES, TensorSpec
+from appliance.server.dialects.kserve.tensors import TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def signature(loaded: CompiledModel, store: Path) -> Signature:
         # tensors are checked against it): another size is refused saying which one to send.
         shape = (shape[0], *loaded.input_size, shape[3])
     given = TensorSpec(described.name,
-                       OPENVINO_DATATYPES.get(described.element_type, described.element_type.upper()), shape)
+                       ELEMENT_DATATYPES.get(described.element_type, described.element_type.upper()), shape)
     outputs = tuple(TensorSpec(output.name, output.datatype, output.shape) for output in loaded.outputs)
     try:
         platform = PLATFORMS.get(network_file(store / loaded.name / loaded.version).suffix, "openvino")

@@ -15,21 +15,11 @@ from typing import Any
 import numpy as np
 
 from appliance.errors import ApplianceError, BadRequest
+from appliance.runtime.compiled import DATATYPES
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
-# The protocol's datatypes by numpy dtype (BF16 has no numpy type; BYTES is not a tensor of numbers).
-DATATYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
-}
 _BY_DTYPE = {dtype: name for name, dtype in DATATYPES.items()}
-# OpenVINO's element type names (ov.Type.get_type_name()) as the protocol's datatypes, for model metadata.
-OPENVINO_DATATYPES = {"boolean": "BOOL", "u8": "UINT8", "u16": "UINT16", "u32": "UINT32", "u64": "UINT64",
-                      "i8": "INT8", "i16": "INT16", "i32": "INT32", "i64": "INT64", "f16": "FP16", "f32": "FP32",
-                      "f64": "FP64", "bf16": "BF16"}
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,15 @@ from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
 from appliance.errors import BadRequest
+from appliance.nodes.base import OVERRIDABLE
 
 RESPONSE_TYPES = ("context", "image", "annotated_image", "heatmap")
 IMAGE_FORMATS = ("png", "jpeg")
 _TRUE = frozenset({"", "1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _DIMENSION = re.compile(r"[0-9]{1,5}")
-# Node settings a request may replace where the flow allows it (a node's `overrides`), and the label language.
-OVERRIDES = ("threshold", "max_labels", "min_confidence")
+# Node settings a request may replace where the flow allows it (a node's `overrides`; declared in nodes/base.py).
+OVERRIDES = OVERRIDABLE
 _LANG = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})?")
 _NUMBER = re.compile(r"[0-9]{1,6}(\.[0-9]{1,9})?")
 # Names this server reads: each may appear once (RELIABILITY 1.10). Others are ignored (1.11).
