@@ -247,7 +247,7 @@ class InProcessServer:
         from aiohttp import web
 
         from appliance.server.app import create_app
-        from appliance.server.core import STATE, queue_depth
+        from appliance.server.core import STATE, mark_ready
         from appliance.server.serve import CLOSE_GRACE_S
         from appliance.threads import started_pool
 
@@ -264,10 +264,7 @@ class InProcessServer:
         if not ready:
             return  # as while the flow's models compile: every inspection answers 503 `not ready`
         await loop.run_in_executor(None, project.prepare)
-        state = app[STATE]
-        state.metrics.describe_models(project.runtime)
-        state.queue_depth = queue_depth(project, state.slots)
-        state.ready = True
+        mark_ready(app[STATE])
 
     def stop(self) -> None:
         """aiohttp's cleanup as at the end of serve.py: the dialects, outputs and sources stop, the project's

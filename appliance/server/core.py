@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import logging
 import math
 import queue
 import threading
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from appliance.server.dialects.base import Dialect
 
 
+log = logging.getLogger("appliance.server")
 Result = TypeVar("Result")
 
 
@@ -169,6 +171,16 @@ def queue_depth(project: Project, workers: int) -> int:
 # Set by the access log for each request: its id (X-Request-Id) and the API of its route.
 REQUEST_ID = web.RequestKey("request_id", str)
 REQUEST_API = web.RequestKey("api", str)
+
+
+def mark_ready(state: ServerState) -> None:
+    """The project's models are loaded: size the queue from their slots, publish them in the metrics, and answer
+    inspections from now on (serve.py, right before it says STOP_INIT_MODEL)."""
+    project = state.project
+    state.metrics.describe_models(project.runtime)
+    state.queue_depth = queue_depth(project, state.slots)
+    state.ready = True
+    log.info("ready: %d models loaded, queue depth %d", len(project.runtime.slots), state.queue_depth)
 
 
 def is_loopback(peer: tuple | None) -> bool:

@@ -17,7 +17,7 @@ from aiohttp import web
 from appliance.project import Project
 from appliance.runtime.store import StoreError
 from appliance.server.app import create_app
-from appliance.server.core import STATE, ServerState, queue_depth
+from appliance.server.core import STATE, ServerState, mark_ready
 from appliance.server.reload import RELOADS, request_reload, start_pending
 from appliance.telemetry.systemd import Notifier
 from appliance.threads import started_pool
@@ -154,9 +154,7 @@ async def serve_project(project: Project, host: str, port: int, stop_key: str | 
         return 1
     finally:
         extender.cancel()
-    state.metrics.describe_models(project.runtime)
-    state.queue_depth = queue_depth(project, state.slots)
-    state.ready = True
+    mark_ready(state)
     _say("STOP_INIT_MODEL")
     notifier.send("READY=1", f"STATUS=serving {project.name} ({len(project.runtime.slots)} models) on {url}")
     watchdog = asyncio.create_task(_watchdog(notifier, state)) if notifier.watchdog_seconds else None

@@ -37,7 +37,10 @@ class Notifier:
             return
         try:
             if self._socket is None:
-                self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Non-blocking: sent from the event loop, and a manager that stops reading its socket must not
+                # stop the server (a full socket drops this message, with a warning).
+                self._socket = socket.socket(socket.AF_UNIX,
+                                             socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
             self._socket.sendto("\n".join(lines).encode(), self.address)
         except OSError as error:
             log.warning("systemd notify failed: %s", error)
