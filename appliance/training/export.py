@@ -55,9 +55,7 @@ def anomaly_spec(trained: TrainedAnomaly, source: dict[str, Any] | None = None) 
         # Not read by the runtime (the firmware profile sets it); said here because bf16 shifts the scores.
         "precision": "f32",
         "training": {"images": trained.images, "seconds": trained.metrics.get("train_seconds"),
-                     # The discriminator states its own recipe in its metrics; the bank's is RECIPE.
-                     "backbone": trained.backbone, "recipe": trained.metrics.get("recipe", RECIPE),
-                     "metrics": plain(trained.metrics)},
+                     "backbone": trained.backbone, "recipe": RECIPE, "metrics": plain(trained.metrics)},
     }
     if source:
         spec["source"] = plain(source)
