@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train a model on this machine; `appliance train TASK --help` lists "
                                             "the task's own options.")
     train.add_argument("task", choices=["anomaly", "segment"], help="anomaly: from good images (and optionally "
-                       "bad ones with masks); segment: a per-pixel classifier from annotated masks")
+                       "bad ones with masks), --mode fast|thorough|bank; segment: a per-pixel classifier from "
+                       "annotated masks")
     train.add_argument("rest", nargs=argparse.REMAINDER, metavar="...", help="the task's options")
     return parser
 

@@ -43,6 +43,10 @@ MIN_GOOD = 2
 # resident); 200 images at 256 px stay far below this. Past it the child fails with a MemoryError, not the PC.
 MEMORY_LIMIT_BYTES = 3 << 30
 TRAINING_NICE = 10
+# The trainer teaching uses (appliance/training/modes.py). The memory bank scores every good image as if unseen
+# (leave-one-out), which this page's histogram and its stages show; the discriminator modes (better on stochastic
+# surfaces, docs/anomaly.md) score only the quarter they hold out, shown as "–" until the page learns that.
+TEACH_MODE = "bank"
 # The stages the child reports, in order, and the share of a 12-image training each took here (for the bar).
 STAGES = (("features", 0.40), ("bank", 0.45), ("threshold", 0.12), ("save", 0.03))
 THUMBNAIL_SIDE = 200
@@ -64,12 +68,13 @@ def _emit(message: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def train_draft(draft: Path, size: int, backbone: Path | None = None) -> dict[str, Any]:
-    """Train on ``draft``/good (validated with ``draft``/bad when there are bad images); writes trained/ and
-    result.json and returns the result."""
+def train_draft(draft: Path, size: int, backbone: Path | None = None, mode: str = TEACH_MODE) -> dict[str, Any]:
+    """Train on ``draft``/good with the trainer ``mode`` names (validated with ``draft``/bad when there are bad
+    images); writes trained/ and result.json and returns the result."""
     import openvino as ov
 
     from appliance.training import anomaly as training
+    from appliance.training.modes import train_by_mode
 
     good, good_paths = training.load_images(draft / "good")
     bad, bad_paths = training.load_images(draft / "bad") if (draft / "bad").is_dir() else ([], [])
@@ -82,10 +87,10 @@ def train_draft(draft: Path, size: int, backbone: Path | None = None) -> dict[st
         if stage != "validation":
             _emit({"stage": stage})
 
-    trained = training.train_anomaly(good, backbone, size=size, val_bad=bad or None, progress=report)
+    trained = train_by_mode(good, backbone, mode=mode, size=size, val_bad=bad or None, progress=report)
     _emit({"stage": "save"})
-    # Leave-one-out scores of the good images (the trainer scores at most LEAVE_OUT_IMAGES of them: None for the
-    # rest) and the validation's scores of the bad ones.
+    # Scores of the good images as if unseen (the bank's leave-one-out, at most LEAVE_OUT_IMAGES of them; the
+    # discriminator's held-out calibration images): None for the rest; and the validation's scores of the bad ones.
     good_scores: list[float | None] = [trained.leave_out_scores.get(index) for index in range(len(good))]
     bad_scores = trained.validation_scores.get("bad", [])
     output = draft / "trained"
@@ -137,11 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("draft", type=Path)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--backbone", type=Path)
+    parser.add_argument("--mode", default=TEACH_MODE)
     args = parser.parse_args(argv)
     os.nice(TRAINING_NICE)
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
     try:
-        result = train_draft(args.draft, args.size, args.backbone)
+        result = train_draft(args.draft, args.size, args.backbone, args.mode)
     except MemoryError:
         _emit({"error": f"training ran out of its {MEMORY_LIMIT_BYTES >> 30} GiB; teach with fewer images"})
         return 1
@@ -284,7 +290,7 @@ class Teaching:
 
     # -- training ------------------------------------------------------------------------------------------------
 
-    async def train(self, model: str, size: int) -> None:
+    async def train(self, model: str, size: int, mode: str = TEACH_MODE) -> None:
         if self.status == "training":
             raise ApplianceError("training is already running", status=409)
         good = len(self.images("good"))
@@ -294,7 +300,7 @@ class Teaching:
         self.status, self.model, self.error, self.stage, self.stage_seconds = "training", model, None, None, []
         self._started = self._stage_started = time.monotonic()
         self._process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "appliance.console.teach", str(self.folder), "--size", str(size),
+            sys.executable, "-m", "appliance.console.teach", str(self.folder), "--size", str(size), "--mode", mode,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         self._follower = asyncio.get_running_loop().create_task(self._follow(self._process))
 

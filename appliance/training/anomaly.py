@@ -28,7 +28,7 @@ export.py stores the result as a model version; ``appliance train anomaly`` is c
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +102,19 @@ class TrainedAnomaly:
 STAGES = ("features", "bank", "threshold", "validation")
 
 
+def check_inputs(good: Sequence[np.ndarray], size: int, val_bad: Sequence[np.ndarray] | None,
+                 val_bad_masks: Sequence[np.ndarray] | None) -> None:
+    """What every anomaly trainer refuses before it starts: too few good images, a size the feature grid cannot
+    take, masks that do not pair with the bad images."""
+    if len(good) < 2:
+        raise TrainingError(f"need at least 2 good images, got {len(good)}")
+    if size % 8 or size < 64:
+        raise TrainingError(f"size must be a multiple of 8 and at least 64, got {size}")
+    if val_bad_masks is not None and (val_bad is None or len(val_bad_masks) != len(val_bad)):
+        raise TrainingError(f"val_bad_masks has {len(val_bad_masks)} masks for "
+                            f"{0 if val_bad is None else len(val_bad)} bad images; one per bad image")
+
+
 def train_anomaly(good: list[np.ndarray], backbone_xml: Path, *, size: int = 256,
                   val_good: list[np.ndarray] | None = None, val_bad: list[np.ndarray] | None = None,
                   val_bad_masks: list[np.ndarray] | None = None, seed: int = 0,
@@ -115,13 +128,7 @@ def train_anomaly(good: list[np.ndarray], backbone_xml: Path, *, size: int = 256
     """
     report = progress or (lambda stage: None)
     started = time.perf_counter()
-    if len(good) < 2:
-        raise TrainingError(f"need at least 2 good images, got {len(good)}")
-    if size % 8 or size < 64:
-        raise TrainingError(f"size must be a multiple of 8 and at least 64, got {size}")
-    if val_bad_masks is not None and (val_bad is None or len(val_bad_masks) != len(val_bad)):
-        raise TrainingError(f"val_bad_masks has {len(val_bad_masks)} masks for "
-                            f"{0 if val_bad is None else len(val_bad)} bad images; one per bad image")
+    check_inputs(good, size, val_bad, val_bad_masks)
     backbone = read_backbone(backbone_xml)
     rng = np.random.default_rng(seed)
     images = [prepare_image(image, size) for image in good]

@@ -22,6 +22,8 @@ import cv2
 import numpy as np
 
 KINDS: tuple[str, ...] = ("scratch", "spot", "foreign", "stain", "hole")
+# The issue's low-contrast variants: half of every pixel's change (add_defect's ``contrast``).
+LOW_CONTRAST = 0.5
 
 # Scratches and spots: +-90 grey levels, MODELS.md 5. Stains: -35 % brightness.
 _CONTRAST = 90
@@ -163,22 +165,34 @@ def _hole(image: np.ndarray, rng: np.random.Generator, scale: float) -> tuple[np
 
 
 def add_defect(image: np.ndarray, kind: str, rng: np.random.Generator, *, scale: float = 1.0,
-               foreign_from: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               foreign_from: np.ndarray | None = None, contrast: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """A copy of ``image`` (u8 grey HxW or BGR HxWx3) with one defect of ``kind``, and its bool HxW mask.
 
     ``foreign_from``: the grey or BGR texture the ``foreign`` patch is cut from; by default one of
     ``textures()`` chosen by ``rng`` (pass another texture than the image's own to be sure it is foreign).
+    ``contrast``: the share of the full defect's change each pixel gets, in (0, 1]. ``LOW_CONTRAST`` (0.5) is the
+    benchmark's low-contrast variant: a +-45 scratch or spot, a 17.5 % stain, a hole or foreign patch blended
+    half way into the surface. The same seed draws the same shape at every contrast.
     """
     if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
         raise ValueError(f"add_defect needs a u8 grey or BGR image, got {image.dtype} {image.shape}")
+    if not 0.0 < contrast <= 1.0:
+        raise ValueError(f"contrast must be in (0, 1], got {contrast}")
     if kind == "scratch":
-        return _scratch(image, rng, scale)
-    if kind == "spot":
-        return _spot(image, rng, scale)
-    if kind == "foreign":
-        return _foreign(image, rng, scale, foreign_from)
-    if kind == "stain":
-        return _stain(image, rng, scale)
-    if kind == "hole":
-        return _hole(image, rng, scale)
-    raise ValueError(f"unknown defect kind '{kind}'; known: {', '.join(KINDS)}")
+        defective, mask = _scratch(image, rng, scale)
+    elif kind == "spot":
+        defective, mask = _spot(image, rng, scale)
+    elif kind == "foreign":
+        defective, mask = _foreign(image, rng, scale, foreign_from)
+    elif kind == "stain":
+        defective, mask = _stain(image, rng, scale)
+    elif kind == "hole":
+        defective, mask = _hole(image, rng, scale)
+    else:
+        raise ValueError(f"unknown defect kind '{kind}'; known: {', '.join(KINDS)}")
+    if contrast < 1.0:
+        # Half the change of every pixel, rather than a half-size shift: one rule for all five kinds, and a pixel
+        # that the full defect clipped at 0 or 255 keeps the proportion of the change it had.
+        change = defective.astype(np.float32) - image.astype(np.float32)
+        defective = np.clip(np.rint(image.astype(np.float32) + contrast * change), 0, 255).astype(np.uint8)
+    return defective, mask

@@ -55,7 +55,9 @@ def anomaly_spec(trained: TrainedAnomaly, source: dict[str, Any] | None = None) 
         # Not read by the runtime (the firmware profile sets it); said here because bf16 shifts the scores.
         "precision": "f32",
         "training": {"images": trained.images, "seconds": trained.metrics.get("train_seconds"),
-                     "backbone": trained.backbone, "recipe": RECIPE, "metrics": plain(trained.metrics)},
+                     # The discriminator states its own recipe in its metrics; the bank's is RECIPE.
+                     "backbone": trained.backbone, "recipe": trained.metrics.get("recipe", RECIPE),
+                     "metrics": plain(trained.metrics)},
     }
     if source:
         spec["source"] = plain(source)
@@ -79,6 +81,8 @@ def segmenter_spec(trained: TrainedSegmenter) -> dict[str, Any]:
             "input": _input(trained.size),
             "outputs": [{"name": OUTPUT, "shape": [1, len(trained.labels) + 1, trained.size, trained.size],
                          "note": "softmax probabilities, class 0 = background"}],
+            # Probabilities already: the runtime appends the best class and its probability to the graph.
+            "activation": "none",
             "labels": [{"id": 0, "name": "background"}] + [{"id": i + 1, "name": name, "color": PALETTE[i % len(PALETTE)]}
                                                              for i, name in enumerate(trained.labels)],
             "training": {"metrics": plain(trained.metrics)}}

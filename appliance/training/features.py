@@ -95,6 +95,37 @@ def feature_extractor(model: ov.Model, taps: list[str], size: tuple[int, int]) -
     return extractor
 
 
+def deep_taps(extractor: ov.Model, grid: int) -> ov.Output:
+    """The extractor's two taps (fine at stride 4, coarse at stride 8) pooled POOL x POOL and the coarse one brought
+    up to the fine one's ``grid``, side by side: 1 x 64 x grid x grid."""
+    fine, coarse = (result.input_value(0) for result in extractor.get_results())
+
+    def pooled(x: ov.Output) -> ov.Output:
+        # exclude_pad: border patches are averaged over what exists, not shrunk towards zero.
+        return ops.avg_pool(x, [1, 1], [POOL // 2] * 2, [POOL // 2] * 2, [POOL, POOL], True).output(0)
+
+    coarse_up = ops.interpolate(pooled(coarse), constant([grid, grid], np.int64), "linear_onnx", "sizes",
+                                coordinate_transformation_mode="half_pixel", axes=constant([2, 3], np.int64))
+    return ops.concat([pooled(fine), coarse_up.output(0)], 1).output(0)
+
+
+def grey_statistics(frame: ov.Output, windows_px: Iterable[int]) -> list[ov.Output]:
+    """The grey mean and standard deviation of an f32 NHWC BGR ``frame`` in windows of each size, every
+    GRID_STRIDE px (on the taps' grid): two 1 x 1 x G x G maps per window, 0-255 scale."""
+    grey = ops.matmul(frame, constant(BGR_TO_GREY), False, False)
+    grey = ops.transpose(grey, constant([0, 3, 1, 2], np.int64))
+    grey_square = ops.multiply(grey, grey)
+    statistics = []
+    for size_px in windows_px:
+        pad = (size_px - GRID_STRIDE) // 2
+        window = ([GRID_STRIDE] * 2, [pad] * 2, [size_px - GRID_STRIDE - pad] * 2, [size_px] * 2)
+        mean = ops.avg_pool(grey, *window, True)
+        mean_square = ops.avg_pool(grey_square, *window, True)
+        variance = ops.maximum(ops.subtract(mean_square, ops.multiply(mean, mean)), constant(0.0))
+        statistics += [mean.output(0), ops.sqrt(variance).output(0)]
+    return statistics
+
+
 def patch_features(backbone: ov.Model, size: int) -> tuple[ops.Parameter, ov.Output]:
     """A new u8 NHWC BGR input ``input`` (1 x size x size x 3) and the raw patch features: 1 x 66 x G x G.
 
@@ -113,30 +144,11 @@ def patch_features(backbone: ov.Model, size: int) -> tuple[ops.Parameter, ov.Out
                         constant([0, BORDER_PAD, BORDER_PAD, 0], np.int64), "reflect").output(0)
     for consumer in inner.output(0).get_target_inputs():
         consumer.replace_source_output(frame)
-    fine, coarse = (result.input_value(0) for result in extractor.get_results())
-    grid = padded_size // GRID_STRIDE
-
-    def pooled(x: ov.Output) -> ov.Output:
-        # exclude_pad: border patches are averaged over what exists, not shrunk towards zero.
-        return ops.avg_pool(x, [1, 1], [POOL // 2] * 2, [POOL // 2] * 2, [POOL, POOL], True).output(0)
-
-    coarse_up = ops.interpolate(pooled(coarse), constant([grid, grid], np.int64), "linear_onnx", "sizes",
-                                coordinate_transformation_mode="half_pixel", axes=constant([2, 3], np.int64))
-    deep = ops.concat([pooled(fine), coarse_up.output(0)], 1)
+    deep = deep_taps(extractor, padded_size // GRID_STRIDE)
 
     # Local grey statistics of the (mirrored) frame: a window every 4 px, on the same grid as the taps.
-    grey = ops.matmul(ops.convert(frame, ov.Type.f32), constant(BGR_TO_GREY), False, False)
-    grey = ops.transpose(grey, constant([0, 3, 1, 2], np.int64))
-    grey_square = ops.multiply(grey, grey)
-    statistics = []
-    for size_px in INTENSITY_WINDOWS:
-        pad = (size_px - GRID_STRIDE) // 2
-        window = ([GRID_STRIDE] * 2, [pad] * 2, [size_px - GRID_STRIDE - pad] * 2, [size_px] * 2)
-        mean = ops.avg_pool(grey, *window, True)
-        mean_square = ops.avg_pool(grey_square, *window, True)
-        variance = ops.maximum(ops.subtract(mean_square, ops.multiply(mean, mean)), constant(0.0))
-        statistics += [mean.output(0), ops.sqrt(variance).output(0)]
-    features = ops.concat([deep.output(0), *statistics], 1).output(0)
+    statistics = grey_statistics(ops.convert(frame, ov.Type.f32).output(0), INTENSITY_WINDOWS)
+    features = ops.concat([deep, *statistics], 1).output(0)
     if BORDER_PAD:
         first, last = BORDER_PAD // GRID_STRIDE, (BORDER_PAD + size) // GRID_STRIDE
         features = ops.slice(features, constant([first, first], np.int64), constant([last, last], np.int64),

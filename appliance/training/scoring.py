@@ -51,13 +51,19 @@ def scoring_model(backbone: ov.Model, size: int, bank: Bank) -> ov.Model:
     blurred = ops.convolution(blurred, constant(kernel.reshape(1, 1, 1, MAP_KERNEL)), [1, 1], [0, 0], [0, 0], [1, 1])
     anomaly_map = ops.interpolate(blurred, constant([size, size], np.int64), "linear_onnx", "sizes",
                                   coordinate_transformation_mode="half_pixel", axes=constant([2, 3], np.int64))
+    return anomaly_model(anomaly_map, parameter, "anomaly_patchcore_lite")
+
+
+def anomaly_model(anomaly_map: ov.Node, parameter: ops.Parameter, name: str) -> ov.Model:
+    """The graph anomaly@1 runs: ``anomaly_map`` (1 x 1 x H x W) and its maximum as the image score, under the
+    output names the node reads (OUTPUT_MAP, OUTPUT_SCORE)."""
     score = ops.reduce_max(anomaly_map, constant([1, 2, 3], np.int64), False)
     map_result, score_result = ops.result(anomaly_map), ops.result(score)
-    for result, name in ((map_result, OUTPUT_MAP), (score_result, OUTPUT_SCORE)):
-        result.input_value(0).get_tensor().set_names({name})
-        result.input_value(0).get_node().set_friendly_name(name)
-        result.output(0).get_tensor().set_names({name})
-    return ov.Model([map_result, score_result], [parameter], "anomaly_patchcore_lite")
+    for result, output_name in ((map_result, OUTPUT_MAP), (score_result, OUTPUT_SCORE)):
+        result.input_value(0).get_tensor().set_names({output_name})
+        result.input_value(0).get_node().set_friendly_name(output_name)
+        result.output(0).get_tensor().set_names({output_name})
+    return ov.Model([map_result, score_result], [parameter], name)
 
 
 
