@@ -23,6 +23,19 @@ DATATYPES: dict[str, np.dtype] = {
     "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
     "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
 }
+_BY_DTYPE = {dtype: name for name, dtype in DATATYPES.items()}
+
+
+def datatype_of(dtype: np.dtype) -> str | None:
+    """The KServe v2 datatype of a numpy dtype in either byte order ("FP32"), None if the protocol has none."""
+    return _BY_DTYPE.get(dtype.newbyteorder("="))
+
+
+def shape_text(shape: tuple[int, ...] | list[int]) -> str:
+    """A tensor shape as the protocol writes it in messages: [1, 224, 224, 3]."""
+    return "[" + ", ".join(str(dimension) for dimension in shape) + "]"
+
+
 ELEMENT_DATATYPES = {"boolean": "BOOL", "u8": "UINT8", "u16": "UINT16", "u32": "UINT32", "u64": "UINT64",
                      "i8": "INT8", "i16": "INT16", "i32": "INT32", "i64": "INT64", "f16": "FP16", "f32": "FP32",
                      "f64": "FP64", "bf16": "BF16"}

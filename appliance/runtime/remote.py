@@ -39,6 +39,8 @@ from appliance.runtime.compiled import (
     InputDescription,
     InputShape,
     TensorDescription,
+    datatype_of,
+    shape_text,
 )
 from appliance.runtime.errors import StoreError
 from appliance.runtime.spec import ModelSpec, read_spec
@@ -265,10 +267,6 @@ def _fits(shape: list[int], wanted: tuple[int, ...]) -> bool:
     return len(shape) == len(wanted) and all(have in (-1, want) for have, want in zip(shape, wanted, strict=True))
 
 
-def _shape_text(shape: tuple[int, ...] | list[int]) -> str:
-    return "[" + ", ".join(map(str, shape)) + "]"
-
-
 def network_tensor(batch: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """u8 BGR NHWC frames as the network itself takes them (spec.yaml's input): colour order, then for f32
     (pixel * scale - mean) / std per channel, then the layout. The same steps the OpenVINO backend puts in the
@@ -291,8 +289,7 @@ def network_tensor(batch: np.ndarray, spec: ModelSpec) -> np.ndarray:
 def encode_request(input_name: str, tensor: np.ndarray, binary: bool) -> tuple[bytes, dict[str, str]]:
     """An inference request's body and headers: the binary tensor extension (a JSON header, then the tensor's
     bytes, little-endian) asking for binary outputs, or plain JSON."""
-    datatype = next(name for name, dtype in DATATYPES.items() if dtype == tensor.dtype)
-    entry: dict[str, Any] = {"name": input_name, "shape": list(tensor.shape), "datatype": datatype}
+    entry: dict[str, Any] = {"name": input_name, "shape": list(tensor.shape), "datatype": datatype_of(tensor.dtype)}
     if not binary:
         entry["data"] = tensor.ravel().tolist()
         return json.dumps({"inputs": [entry]}).encode("utf-8"), {"Content-Type": "application/json"}
@@ -325,7 +322,7 @@ def decode_response(body: bytes, header_length: str | None) -> list[tuple[str, n
         if binary_size is not None:
             if binary_size != count * dtype.itemsize or offset + binary_size > len(body):
                 raise ValueError(f"output '{entry.get('name')}': binary_data_size {binary_size} does not fit shape "
-                                 f"{_shape_text(shape)} of {entry['datatype']} or the answer's length")
+                                 f"{shape_text(shape)} of {entry['datatype']} or the answer's length")
             array = np.frombuffer(body, dtype.newbyteorder("<"), count, offset).astype(dtype).reshape(shape)
             offset += binary_size
         else:
@@ -360,7 +357,7 @@ class RemoteModel(CompiledModel):
         height, width = self.spec.input.size
         where = f"model '{name}' (remote '{self.remote_name}' at {url})"
         if input_shape is not None and tuple(input_shape) != (1, height, width):
-            raise StoreError(f"{where}: a remote model cannot be reshaped to {_shape_text(input_shape)} (batch, "
+            raise StoreError(f"{where}: a remote model cannot be reshaped to {shape_text(input_shape)} (batch, "
                              f"height, width); it runs at the size it is served with, the spec's 1 x {height} x "
                              f"{width}. Use a local firmware profile (cpu, igpu, npu) for this node")
         self.input = InputDescription((1, height, width, 3), any_size=False, name=self.spec.input.name or "input")
@@ -417,15 +414,15 @@ class RemoteModel(CompiledModel):
         shape, datatype = list(given.get("shape") or []), given.get("datatype")
         takes_frames = datatype == "UINT8" and _fits(shape, frames)
         takes_network = datatype == network_type and _fits(shape, network)
-        expected = {"frames": f"UINT8 {_shape_text(frames)} (u8 BGR frames, NHWC)",
-                    "network": f"{network_type} {_shape_text(network)} (the network's input per spec.yaml: "
+        expected = {"frames": f"UINT8 {shape_text(frames)} (u8 BGR frames, NHWC)",
+                    "network": f"{network_type} {shape_text(network)} (the network's input per spec.yaml: "
                                f"{spec.element_type} {spec.layout} {spec.colour_order})"}
         if wanted != "auto" and not (takes_frames if wanted == "frames" else takes_network):
-            raise _Failure("metadata", f"takes {datatype} {_shape_text(shape)}; remote.input: {wanted} sends "
+            raise _Failure("metadata", f"takes {datatype} {shape_text(shape)}; remote.input: {wanted} sends "
                            f"{expected[wanted]}")
         if wanted == "auto":
             if not (takes_frames or takes_network):
-                raise _Failure("metadata", f"takes {datatype} {_shape_text(shape)}; the appliance sends "
+                raise _Failure("metadata", f"takes {datatype} {shape_text(shape)}; the appliance sends "
                                f"{expected['frames']} or {expected['network']}")
             if takes_frames and takes_network and spec.colour_order != "BGR":
                 # A u8 NHWC RGB network looks like frames: another appliance takes frames, any other server the
@@ -463,7 +460,9 @@ class RemoteModel(CompiledModel):
         for name, array in answer:
             if name in mapping:
                 shape = declared.get(name, {}).get("shape") or list(array.shape)
-                datatype = next(key for key, dtype in DATATYPES.items() if dtype == array.dtype)
+                # decode_response made it from one of the protocol's datatypes
+                datatype = datatype_of(array.dtype)
+                assert datatype is not None
                 outputs.append(TensorDescription(mapping[name], datatype, tuple(shape)))
         return outputs, mapping
 
@@ -485,7 +484,7 @@ class RemoteModel(CompiledModel):
         height, width = self.input.size
         if batch.dtype != np.uint8 or batch.shape != (1, height, width, 3):
             raise RemoteUnavailable(f"model '{self.name}': a remote model takes one u8 BGR frame of {width}x{height} "
-                                    f"(1 x {height} x {width} x 3), got {batch.dtype} {_shape_text(batch.shape)}")
+                                    f"(1 x {height} x {width} x 3), got {batch.dtype} {shape_text(batch.shape)}")
         remote = self.remote
         refused = remote.breaker.admit()
         if refused is not None:

@@ -15,11 +15,10 @@ from typing import Any
 import numpy as np
 
 from appliance.errors import ApplianceError, BadRequest
-from appliance.runtime.compiled import DATATYPES
+from appliance.runtime.compiled import DATATYPES, datatype_of, shape_text
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
-_BY_DTYPE = {dtype: name for name, dtype in DATATYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -42,10 +41,6 @@ class InferRequest:
     outputs: dict[str, bool] | None  # None: every output, each as binary data when `binary_all`
     binary_all: bool
     request_id: str | None
-
-
-def _shape_text(shape: tuple[int, ...] | list[int]) -> str:
-    return "[" + ", ".join(str(dimension) for dimension in shape) + "]"
 
 
 def header_length(value: str | None, body_size: int) -> int | None:
@@ -91,8 +86,8 @@ def _check_shape(name: str, shape: tuple[int, ...], expected: TensorSpec) -> Non
         height, width = expected.shape[1:3] if len(expected.shape) == 4 else (-1, -1)
         hint = (f"; send the frame resized to {width}x{height} (width x height), u8 BGR, NHWC"
                 if height > 0 and width > 0 else "; u8 BGR frames, NHWC")
-        raise BadRequest(f"input '{name}': shape {_shape_text(shape)} does not fit the model's "
-                         f"{_shape_text(expected.shape)}{hint}")
+        raise BadRequest(f"input '{name}': shape {shape_text(shape)} does not fit the model's "
+                         f"{shape_text(expected.shape)}{hint}")
 
 
 def _json_data(name: str, data: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -106,13 +101,13 @@ def _json_data(name: str, data: Any, shape: tuple[int, ...], dtype: np.dtype) ->
         raise BadRequest(f"input '{name}': data is not a list of numbers (nested lists of unequal length?)") from None
     count = int(np.prod(shape))
     if values.size != count:
-        raise BadRequest(f"input '{name}': data has {values.size} values; shape {_shape_text(shape)} needs {count}")
+        raise BadRequest(f"input '{name}': data has {values.size} values; shape {shape_text(shape)} needs {count}")
     if dtype.kind in "iu":
         if values.size and values.dtype.kind not in "iu":
-            raise BadRequest(f"input '{name}': {_BY_DTYPE[dtype]} data must be integers")
+            raise BadRequest(f"input '{name}': {datatype_of(dtype)} data must be integers")
         limits = np.iinfo(dtype)
         if values.size and (values.min() < limits.min or values.max() > limits.max):
-            raise BadRequest(f"input '{name}': {_BY_DTYPE[dtype]} data must be integers from {limits.min} to "
+            raise BadRequest(f"input '{name}': {datatype_of(dtype)} data must be integers from {limits.min} to "
                              f"{limits.max}")
     return values.astype(dtype, copy=False).reshape(shape)
 
@@ -138,7 +133,7 @@ def parse_request(body: bytes | bytearray, header_size: int | None, model: str, 
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise BadRequest(f"inputs must be a non-empty list; model '{model}' takes one input, '{expected.name}' "
-                         f"({expected.datatype} {_shape_text(expected.shape)}: u8 BGR frames, NHWC)")
+                         f"({expected.datatype} {shape_text(expected.shape)}: u8 BGR frames, NHWC)")
     binary = view[header_size:] if header_size is not None else view[:0]
     binary_used = 0
     batch: np.ndarray | None = None
@@ -148,7 +143,7 @@ def parse_request(body: bytes | bytearray, header_size: int | None, model: str, 
         name = entry.get("name")
         if name != expected.name:
             raise BadRequest(f"model '{model}' has no input {json.dumps(name)[:80]}; its input is '{expected.name}' "
-                             f"({expected.datatype} {_shape_text(expected.shape)}: u8 BGR frames, NHWC)")
+                             f"({expected.datatype} {shape_text(expected.shape)}: u8 BGR frames, NHWC)")
         if batch is not None:
             raise BadRequest(f"input '{name}' is given twice")
         datatype = entry.get("datatype")
@@ -167,7 +162,7 @@ def parse_request(body: bytes | bytearray, header_size: int | None, model: str, 
                              "header saying where its JSON ends")
         needed = int(np.prod(shape)) * dtype.itemsize
         if not isinstance(size, int) or isinstance(size, bool) or size != needed:
-            raise BadRequest(f"input '{name}': binary_data_size {json.dumps(size)[:40]}; shape {_shape_text(shape)} "
+            raise BadRequest(f"input '{name}': binary_data_size {json.dumps(size)[:40]}; shape {shape_text(shape)} "
                              f"of {expected.datatype} is {needed} bytes")
         if binary_used + size > len(binary):
             raise BadRequest(f"input '{name}': {size} bytes of binary data announced, {len(binary) - binary_used} "
@@ -212,7 +207,7 @@ def render_response(model: str, version: str, request: InferRequest, results: di
     blobs: list[bytes] = []
     for name, binary in chosen.items():
         array = results[name]
-        datatype = _BY_DTYPE.get(array.dtype.newbyteorder("="))
+        datatype = datatype_of(array.dtype)
         if datatype is None:
             raise ApplianceError(f"output '{name}' is {array.dtype}, which the protocol has no datatype for",
                                  status=500)
