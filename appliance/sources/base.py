@@ -84,9 +84,9 @@ class Source(Generic[SettingsT]):
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        # Frames handed to the event loop (written by the source's thread only) and frames the loop took (by the
-        # loop only): their difference is what waits in the loop's queue, without a lock.
-        self.sent_to_loop = self.reached_loop = 0
+        # Frames the event loop took (written by the loop only); `acquired` (written by the source's thread only)
+        # counts those handed to it: their difference is what waits in the loop's queue, without a lock.
+        self.reached_loop = 0
         self._busy: Callable[[], int] = lambda: 0
 
     # --- what a kind implements ---------------------------------------------------------------------------
@@ -134,7 +134,7 @@ class Source(Generic[SettingsT]):
         frames are being inspected or waiting for the event loop. Called in the source's thread before the costly
         part of reading a frame; a frame without room is yielded with no image. Only a hint: the event loop
         decides again when the frame reaches it."""
-        return self.sent_to_loop - self.reached_loop + self._busy() < self.settings.in_flight
+        return self.acquired - self.reached_loop + self._busy() < self.settings.in_flight
 
     def count(self, outcome: str) -> None:
         if self.metrics is not None:
@@ -154,7 +154,6 @@ class Source(Generic[SettingsT]):
                     if self._stop.is_set():
                         break
                     self.acquired += 1
-                    self.sent_to_loop += 1
                     loop.call_soon_threadsafe(deliver, self, frame)
                 else:
                     if not self._stop.is_set():
