@@ -129,13 +129,10 @@ class ServerState:
     # view, gallery and frame collection): each must only hand the references on, never encode or write here.
     observers: list[Callable[[np.ndarray, Context, str | None], None]] = field(default_factory=list)
     semaphore: asyncio.Semaphore = field(init=False)
-    verdict_series: dict[bool, Any] = field(init=False)
     code_nodes: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.semaphore = asyncio.Semaphore(self.slots)
-        # Looked up once: prometheus_client's labels() costs more than the inc() it is for.
-        self.verdict_series = {True: self.metrics.verdicts.labels("ok"), False: self.metrics.verdicts.labels("ng")}
         self.code_nodes = frozenset(node.id for node in self.project.nodes if node.settings.type == "code@1")
         # appliance_ready, read at each scrape: what GET /health/ready answers (app.py `health_ready`).
         self.metrics.follow_readiness(lambda: self.ready and not self.draining and
@@ -310,7 +307,7 @@ async def inspect(request: web.Request | None, state: ServerState, decode: Calla
         state.last = ctx
         for observer in state.observers:
             observer(frame.image, ctx, capability)
-        state.verdict_series[bool(ctx.get("result"))].inc()
+        state.metrics.verdict(bool(ctx.get("result")))
         state.metrics.observe_scores(ctx, project, capability)
         for error in ctx.get("errors", []):
             node = error.get("node") if isinstance(error, dict) else None
