@@ -36,6 +36,22 @@ def shape_text(shape: tuple[int, ...] | list[int]) -> str:
     return "[" + ", ".join(str(dimension) for dimension in shape) + "]"
 
 
+# KServe v2's binary tensor extension: a body is a JSON header of this many bytes, then the tensors' bytes.
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def json_header_length(value: str | None, body_size: int) -> int | None:
+    """The JSON header's length a `Inference-Header-Content-Length` value gives (None when absent); ValueError
+    when it is no whole number from 0 to the body's size."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text.isdigit() or int(text) > body_size:
+        raise ValueError(f"{HEADER_LENGTH} must be the JSON header's length in bytes, from 0 to the body's "
+                         f"{body_size}; got {value[:40]!r}")
+    return int(text)
+
+
 ELEMENT_DATATYPES = {"boolean": "BOOL", "u8": "UINT8", "u16": "UINT16", "u32": "UINT32", "u64": "UINT64",
                      "i8": "INT8", "i16": "INT16", "i32": "INT32", "i64": "INT64", "f16": "FP16", "f32": "FP32",
                      "f64": "FP64", "bf16": "BF16"}

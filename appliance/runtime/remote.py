@@ -35,11 +35,13 @@ from appliance.config.profile import RemoteSettings, resolve_key
 from appliance.errors import NodeError, ServiceUnavailable
 from appliance.runtime.compiled import (
     DATATYPES,
+    HEADER_LENGTH,
     CompiledModel,
     InputDescription,
     InputShape,
     TensorDescription,
     datatype_of,
+    json_header_length,
     shape_text,
 )
 from appliance.runtime.errors import StoreError
@@ -51,7 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
 SPEC_DATATYPES = {"u8": "UINT8", "f32": "FP32"}
 # A breaker's state as the appliance_remote_circuit_state gauge shows it.
 CLOSED, HALF_OPEN, OPEN = "closed", "half-open", "open"
@@ -302,11 +303,7 @@ def encode_request(input_name: str, tensor: np.ndarray, binary: bool) -> tuple[b
 def decode_response(body: bytes, header_length: str | None) -> list[tuple[str, np.ndarray]]:
     """The outputs of an inference answer, in its order, as writable arrays the caller owns; ValueError saying
     what is wrong with an answer that is not the protocol's."""
-    size = None
-    if header_length is not None:
-        if not header_length.strip().isdigit() or int(header_length) > len(body):
-            raise ValueError(f"{HEADER_LENGTH} {header_length[:20]!r} does not fit the {len(body)}-byte answer")
-        size = int(header_length)
+    size = json_header_length(header_length, len(body))
     answer = json.loads(body[:size] if size is not None else body)
     outputs = answer.get("outputs") if isinstance(answer, dict) else None
     if not isinstance(outputs, list) or not outputs:

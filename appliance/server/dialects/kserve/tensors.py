@@ -15,10 +15,7 @@ from typing import Any
 import numpy as np
 
 from appliance.errors import ApplianceError, BadRequest
-from appliance.runtime.compiled import DATATYPES, datatype_of, shape_text
-
-HEADER_LENGTH = "Inference-Header-Content-Length"
-
+from appliance.runtime.compiled import DATATYPES, HEADER_LENGTH, datatype_of, json_header_length, shape_text
 
 
 @dataclass(frozen=True)
@@ -45,13 +42,10 @@ class InferRequest:
 
 def header_length(value: str | None, body_size: int) -> int | None:
     """The JSON header's length from `Inference-Header-Content-Length` (None when the header is absent)."""
-    if value is None:
-        return None
-    text = value.strip()
-    if not text.isdigit() or int(text) > body_size:
-        raise BadRequest(f"{HEADER_LENGTH} must be the JSON header's length in bytes, from 0 to the body's "
-                         f"{body_size}; got {value[:40]!r}")
-    return int(text)
+    try:
+        return json_header_length(value, body_size)
+    except ValueError as error:
+        raise BadRequest(str(error)) from None
 
 
 def _object(value: Any, where: str) -> dict[str, Any]:
