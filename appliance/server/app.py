@@ -1,5 +1,6 @@
 """The aiohttp application of one project: the APIs it serves (server/dialects/), the core's own routes (health,
-metrics, model switching), and the middlewares every request passes: access log and error rendering.
+metrics, model switching), and the one middleware every request passes: access log, metrics and error
+rendering.
 """
 
 from __future__ import annotations
@@ -82,37 +83,6 @@ def _route_name(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-@web.middleware
-async def access_log(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                     ) -> web.StreamResponse:
-    """Outermost: request id, metrics and one log line per request, with secrets redacted (RELIABILITY 15)."""
-    state = request.app[STATE]
-    request_id = request.headers.get("X-Request-Id", "")[:64] or f"{_REQUEST_PREFIX}-{next(_request_numbers):x}"
-    request[REQUEST_ID] = request_id
-    api = request[REQUEST_API] = dialect_of(request).name
-    started = time.perf_counter()
-    task = asyncio.current_task()
-    assert task is not None
-    state.handlers.add(task)
-    try:
-        response = await handler(request)
-    finally:
-        state.handlers.discard(task)
-    duration = time.perf_counter() - started
-    endpoint = _route_name(request)
-    response.headers["X-Request-Id"] = request_id
-    state.metrics.request(endpoint, response.status, api, duration)
-    # One line per request at DEBUG; every refused or failed one at WARNING (RELIABILITY 15).
-    level = logging.DEBUG if response.status < 400 else logging.WARNING
-    if log.isEnabledFor(level):
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        log.log(level, "%s %s %s", request.method, request.path, response.status, extra={
-            "request_id": request_id, "endpoint": endpoint, "api": api, "status": response.status,
-            "method": request.method, "duration_ms": round(duration * 1000, 2), "peer": peer[0] if peer else None,
-            "query": redact_query(request.rel_url.raw_query_string)[:500], "project": state.project.name})
-    return response
-
-
 def _http_error(request: web.Request, error: web.HTTPException, dialect: Dialect) -> ApplianceError:
     """aiohttp's own refusals (no route, wrong method, body over client_max_size) as our errors."""
     state = request.app[STATE]
@@ -135,33 +105,60 @@ def _http_error(request: web.Request, error: web.HTTPException, dialect: Dialect
 
 
 @web.middleware
-async def errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                 ) -> web.StreamResponse:
-    """Every failure, raised anywhere, is rendered by the dialect of the route it happened on."""
+async def serve_request(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                        ) -> web.StreamResponse:
+    """The only middleware: request id, metrics and one log line per request with secrets redacted
+    (RELIABILITY 15), and every failure, raised anywhere, rendered by the dialect of the route it happened on.
+
+    One layer, not two (an access log around an error renderer): each middleware is one more coroutine per
+    request, and aiohttp adds a layer of its own to any app that has middlewares."""
+    state = request.app[STATE]
+    dialect = dialect_of(request)
+    request_id = request.headers.get("X-Request-Id", "")[:64] or f"{_REQUEST_PREFIX}-{next(_request_numbers):x}"
+    request[REQUEST_ID] = request_id
+    api = request[REQUEST_API] = dialect.name
+    started = time.perf_counter()
+    task = asyncio.current_task()
+    assert task is not None
+    state.handlers.add(task)
     try:
-        return await handler(request)
+        response = await handler(request)
     except ClientGone as gone:
-        request.app[STATE].metrics.client_disconnects.labels(gone.phase).inc()
+        state.metrics.client_disconnects.labels(gone.phase).inc()
         log.debug("client %s", gone.message)
-        return dialect_of(request).error_response(gone)
+        response = dialect.error_response(gone)
     except ApplianceError as error:
-        metrics = request.app[STATE].metrics
         if isinstance(error, Unauthorized):
-            metrics.auth_failures.inc()
+            state.metrics.auth_failures.inc()
         if error.status in REJECTION_REASONS:  # 503s are counted where they are raised, with their reason
-            metrics.rejected.labels(REJECTION_REASONS[error.status]).inc()
-        return dialect_of(request).error_response(error)
+            state.metrics.rejected.labels(REJECTION_REASONS[error.status]).inc()
+        response = dialect.error_response(error)
     except web.HTTPException as error:
         if error.status < 400:
             raise
-        dialect = dialect_of(request)
-        return dialect.error_response(_http_error(request, error, dialect))
+        response = dialect.error_response(_http_error(request, error, dialect))
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unexpected error on %s", request.path[:200])
-        return dialect_of(request).error_response(
-            ApplianceError("internal error; the appliance log has the details", status=500))
+        response = dialect.error_response(ApplianceError("internal error; the appliance log has the details",
+                                                         status=500))
+    finally:
+        state.handlers.discard(task)
+    duration = time.perf_counter() - started
+    endpoint = _route_name(request)
+    status = response.status
+    response.headers["X-Request-Id"] = request_id
+    state.metrics.request(endpoint, status, api, duration)
+    # One line per request at DEBUG; every refused or failed one at WARNING (RELIABILITY 15).
+    level = logging.DEBUG if status < 400 else logging.WARNING
+    if log.isEnabledFor(level):
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        log.log(level, "%s %s %s", request.method, request.path, status, extra={
+            "request_id": request_id, "endpoint": endpoint, "api": api, "status": status,
+            "method": request.method, "duration_ms": round(duration * 1000, 2), "peer": peer[0] if peer else None,
+            "query": redact_query(request.rel_url.raw_query_string)[:500], "project": state.project.name})
+    return response
 
 
 async def health_live(request: web.Request) -> web.Response:
@@ -295,7 +292,7 @@ def create_app(project: Project, *, stop_key: str | None = None, workers: int | 
     slots = workers or max(1, os.cpu_count() or 1)
     # Long request lines: a `data` value up to max_data_bytes, fully percent-encoded, must fit (RELIABILITY 1.9).
     # keepalive: aiohttp's default keeps an idle connection for an hour (2.7).
-    app = web.Application(middlewares=[access_log, errors], client_max_size=limits.body_bytes,
+    app = web.Application(middlewares=[serve_request], client_max_size=limits.body_bytes,
                           handler_args={"max_line_size": 65536, "max_field_size": 65536, "keepalive_timeout": 15})
     metrics = Metrics(project.name, project.flow_sha256)
     project.runtime.observer = metrics

@@ -137,6 +137,7 @@ class ServerState:
         # appliance_ready, read at each scrape: what GET /health/ready answers (app.py `health_ready`).
         self.metrics.follow_readiness(lambda: self.ready and not self.draining and
                                       self.project.stuck_hooks < self.project.config.limits.max_stuck_hooks)
+        self.metrics.follow_queue(lambda: self.waiting, lambda: self.in_flight)
 
 
 STATE = web.AppKey("state", ServerState)
@@ -245,7 +246,6 @@ async def in_worker(request: web.Request | None, state: ServerState, work: Calla
     admit(state)
     limits = state.project.config.limits
     state.waiting += 1
-    state.metrics.queue_depth.inc()
     try:
         try:
             if state.semaphore.locked():
@@ -259,12 +259,10 @@ async def in_worker(request: web.Request | None, state: ServerState, work: Calla
                                      headers={"Retry-After": "1"}) from None
     finally:
         state.waiting -= 1
-        state.metrics.queue_depth.dec()
     try:
         if request is not None and (request.transport is None or request.transport.is_closing()):
             raise ClientGone("queued")
         state.in_flight += 1
-        state.metrics.in_flight.inc()
         started = time.perf_counter()
         try:
             answer = await state.workers.run(work)
@@ -272,7 +270,6 @@ async def in_worker(request: web.Request | None, state: ServerState, work: Calla
             state.service_seconds += 0.1 * (time.perf_counter() - started - state.service_seconds)
             state.last_progress = time.monotonic()
             state.in_flight -= 1
-            state.metrics.in_flight.dec()
         if request is not None and (request.transport is None or request.transport.is_closing()):
             raise ClientGone("inference")
     finally:

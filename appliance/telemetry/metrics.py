@@ -62,6 +62,7 @@ class Metrics:
                                        ["node", "type"], buckets=LATENCY_BUCKETS, registry=r)
         self.inference_duration = Histogram("appliance_inference_duration_seconds", "One model inference",
                                             ["model", "version", "device"], buckets=LATENCY_BUCKETS, registry=r)
+        # Both read the server's own counts at each scrape (follow_queue): nothing to update per request.
         self.in_flight = Gauge("appliance_in_flight_requests", "Analyze requests being processed", registry=r)
         self.queue_depth = Gauge("appliance_queue_depth", "Analyze requests waiting for a worker", registry=r)
         self.rejected = Counter("appliance_rejected_requests", "Requests refused before processing", ["reason"],
@@ -162,6 +163,12 @@ class Metrics:
 
     def verdict(self, ok: bool) -> None:
         self._verdict_series[ok].inc()
+
+    def follow_queue(self, waiting: Callable[[], int], in_flight: Callable[[], int]) -> None:
+        """appliance_queue_depth and appliance_in_flight_requests read the server's counts at each scrape: a
+        gauge's inc() and dec() take a lock each, four per request, for numbers the server keeps anyway."""
+        self.queue_depth.set_function(waiting)
+        self.in_flight.set_function(in_flight)
 
     def follow_readiness(self, is_ready: Callable[[], bool]) -> None:
         """appliance_ready reads ``is_ready`` at each scrape."""
