@@ -1,24 +1,28 @@
 """Outputs: how late each output's message reaches its peer after the HTTP answer, and what sending to every output
 at once costs the inspection's throughput.
 
-Real peers on loopback, each from its own library: Mosquitto with a paho subscriber (MQTT, QoS 1), pymodbus's TCP
-server in a subprocess logging every write (Modbus: coils and the counter register), asyncua's server recording
-every write (OPC UA), a TCP listener (PEKAT's "Output: TCP" line). The project is projects/line-io's flow (the
-dark-spots Code hook on 1920x1080 PNG frames, half of them NG).
+Real peers on loopback, each from its own library and in its own process (so that what they cost is not taken
+from the client threads' GIL in this process): Mosquitto with a paho subscriber (MQTT, QoS 1), pymodbus's TCP
+server logging every write (Modbus: coils and the counter register), asyncua's server recording every write (OPC
+UA), a TCP listener (PEKAT's "Output: TCP" line). The project is projects/line-io's flow (the dark-spots Code hook
+on 1920x1080 PNG frames, half of them NG).
 
 Latency rows offer frames at 1 and 50 frames/s and take, for each frame, the moment its
 message reached the peer minus the moment the client had the answer (negative: the message came first). MQTT and
 OPC UA carry the request id; Modbus writes carry the counter, so the n-th coil write belongs to the n-th answer
 (outputs keep order). Throughput rows are a closed loop of `--clients` clients for `--seconds` each, with all four
-outputs on and with none, alternated twice; the ratio is on / off (goal >= 0.95). Client, server and peers share
-the 2 cores.
+outputs on and with none, alternated `--rounds` times; the ratio is on / off (goal >= 0.95). Client, server and
+peers share the 2 cores, so the throughput moves with whatever else runs; the appliance's own CPU per inspection
+(all its threads, and its event loop's thread alone, where the outputs run) says what the outputs cost it.
 
-    .venv/bin/python bench/outputs.py [--seconds 4] [--clients 2]
+    .venv/bin/python bench/outputs.py [--seconds 4] [--clients 2] [--rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import socket
 import statistics
 import sys
@@ -27,7 +31,9 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -37,11 +43,10 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.dialects import cpu_seconds  # noqa: E402
-from tests.conftest import free_port, start_server  # noqa: E402
-from tests.outputs.mqtt_peer import Broker, Subscriber  # noqa: E402
+from tests.conftest import Server, free_port, start_server  # noqa: E402
+from tests.outputs.mqtt_peer import Broker  # noqa: E402
 from tests.outputs.test_modbus import FC_COILS, Plc  # noqa: E402
-from tests.outputs.test_opcua import NODES, PlcServer, node  # noqa: E402
+from tests.outputs.test_opcua import NODES  # noqa: E402
 
 
 def frames() -> list[bytes]:
@@ -65,8 +70,8 @@ def project(folder: Path, outputs: list[dict]) -> Path:
 class LineListener:
     """A TCP peer that timestamps each line it reads (the TCP output's `$request_id` template)."""
 
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
+    def __init__(self, port: int = 0) -> None:
+        self.listener = socket.create_server(("127.0.0.1", port))
         self.port = self.listener.getsockname()[1]
         self.arrived: dict[str, float] = {}
         threading.Thread(target=self._serve, daemon=True).start()
@@ -83,6 +88,65 @@ class LineListener:
 
     def stop(self) -> None:
         self.listener.close()
+
+
+def _peer(kind: str, port: int, connection: Connection) -> None:
+    """One peer in a process of its own; answers "heard" with what it heard so far: (key, time.monotonic()) pairs,
+    the key being the request id (MQTT, OPC UA, TCP line). CLOCK_MONOTONIC is the machine's: comparable here."""
+    heard: Callable[[], list[tuple[str, float]]]
+    if kind == "mqtt":
+        from tests.outputs.mqtt_peer import Subscriber
+
+        subscriber = Subscriber(port, "appliance/#").start()
+        heard = lambda: [(message.json()["request_id"], message.at) for message in list(subscriber.messages)]  # noqa: E731
+    elif kind == "opcua":
+        from tests.outputs.test_opcua import PlcServer, node
+
+        server = PlcServer(port).start()
+        heard = lambda: [(written[node("Id")], at) for at, written in list(server.writes)]  # noqa: E731
+    else:
+        line = LineListener(port)
+        heard = lambda: list(line.arrived.items())  # noqa: E731
+    connection.send("ready")
+    while connection.recv() == "heard":
+        connection.send(heard())
+
+
+class Peer:
+    """A peer started by `_peer` in its own process."""
+
+    def __init__(self, kind: str, port: int):
+        self.port = port
+        self.connection, theirs = multiprocessing.Pipe()
+        self.process = multiprocessing.get_context("spawn").Process(target=_peer, args=(kind, port, theirs),
+                                                                     daemon=True)
+        self.process.start()
+        if not self.connection.poll(60):
+            raise RuntimeError(f"the {kind} peer did not start")
+        self.connection.recv()
+
+    def heard(self) -> dict[str, float]:
+        self.connection.send("heard")
+        return dict(self.connection.recv())
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.join(10)
+
+
+def thread_cpu_ms(pid: int) -> tuple[float, float]:
+    """CPU time so far of a process's main thread (the event loop: where the outputs run) and of all its threads,
+    in ms (Linux /proc/<pid>/task/*/schedstat: nanoseconds on the CPU)."""
+    loop = every = 0.0
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        try:
+            on_cpu = int(Path(f"/proc/{pid}/task/{thread}/schedstat").read_text().split()[0]) / 1e6
+        except (OSError, ValueError):
+            continue  # the thread ended meanwhile
+        every += on_cpu
+        if int(thread) == pid:
+            loop += on_cpu
+    return loop, every
 
 
 def paced(url: str, images: list[bytes], rate: float, seconds: float, tag: str) -> list[tuple[str, float]]:
@@ -142,78 +206,85 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="closed-loop rows of each, alternated")
     args = parser.parse_args()
     images = frames()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         broker = Broker(folder / "broker")
         broker.start()
-        subscriber = Subscriber(broker.port, "appliance/#").start()
         modbus = Plc(free_port())
         modbus.start()
-        opcua = PlcServer(free_port()).start()
-        line = LineListener()
-        outputs = [{"type": "mqtt", "url": broker.url, "qos": 1},
-                   {"type": "modbus", "url": f"tcp://127.0.0.1:{modbus.port}", "unit": 1, "coils": {"ok": 0, "ng": 1},
-                    "registers": {"counter": 0}},
-                   {"type": "opcua", "url": opcua.url, "nodes": NODES},
-                   {"type": "tcp", "host": "127.0.0.1", "port": line.port, "template": "$request_id"}]
-        on = start_server(project(folder / "on", outputs), log_level="WARNING")
-        off = start_server(project(folder / "off", []), log_level="WARNING")
+        peers: dict[str, Peer] = {}
+        on: Server | None = None
+        off: Server | None = None
         try:
+            peers = {"mqtt": Peer("mqtt", broker.port), "opcua": Peer("opcua", free_port()),
+                     "tcp": Peer("tcp", free_port())}
+            outputs: list[dict[str, Any]] = [
+                {"type": "mqtt", "url": broker.url, "qos": 1},
+                {"type": "modbus", "url": f"tcp://127.0.0.1:{modbus.port}", "unit": 1, "coils": {"ok": 0, "ng": 1},
+                 "registers": {"counter": 0}},
+                {"type": "opcua", "url": f"opc.tcp://127.0.0.1:{peers['opcua'].port}/plc", "nodes": NODES},
+                {"type": "tcp", "host": "127.0.0.1", "port": peers["tcp"].port, "template": "$request_id"}]
+            on = start_server(project(folder / "on", outputs), log_level="WARNING")
+            off = start_server(project(folder / "off", []), log_level="WARNING")
             for _ in range(5):  # warm: each output connects on its first message
                 requests.post(f"{on.url}/analyze_image", data=images[0], timeout=30).raise_for_status()
                 requests.post(f"{off.url}/analyze_image", data=images[0], timeout=30).raise_for_status()
-            wait_until(lambda: len(line.arrived) >= 5)
+            wait_until(lambda: len(peers["tcp"].heard()) >= 5)
+            print(f"load average before: {os.getloadavg()[0]:.1f}")
             print("| output, rate | sent | heard | median ms | p99 ms | max ms |")
             print("| --- | ---: | ---: | ---: | ---: | ---: |")
             for rate in (1.0, 50.0):
                 coil_writes_before = sum(w["fc"] == FC_COILS for w in list(modbus.writes))
-                opcua_before = len(opcua.writes)
                 answered = paced(on.url, images, rate, args.seconds, f"r{rate:g}")
                 ids = {request_id for request_id, _ in answered}
 
-                def all_heard(ids: set[str] = ids, opcua_before: int = opcua_before,
-                              coils_before: int = coil_writes_before) -> bool:
-                    return (ids <= {m.json()["request_id"] for m in list(subscriber.messages)}
-                            and ids <= set(line.arrived) and len(opcua.writes) >= opcua_before + len(ids)
+                def all_heard(ids: set[str] = ids, coils_before: int = coil_writes_before) -> bool:
+                    return (all(ids <= set(peer.heard()) for peer in peers.values())
                             and sum(w["fc"] == FC_COILS for w in list(modbus.writes)) >= coils_before + len(ids))
 
                 wait_until(all_heard)
-                mqtt = {m.json()["request_id"]: m.at for m in list(subscriber.messages)}
-                values = {written[node("Id")]: at for at, written in opcua.writes[opcua_before:]}
                 coils = [w["t"] for w in modbus.writes if w["fc"] == FC_COILS][coil_writes_before:]
-                for name, arrived in (("MQTT", mqtt), ("OPC UA", values), ("TCP line", line.arrived)):
+                for name, kind in (("MQTT", "mqtt"), ("OPC UA", "opcua"), ("TCP line", "tcp")):
+                    arrived = peers[kind].heard()
                     print(row(name, rate, [(arrived[r] - t) * 1000 for r, t in answered if r in arrived],
                               len(answered)))
                 print(row("Modbus coils", rate, [(at - t) * 1000 for (_, t), at in zip(answered, coils, strict=False)],
                           len(answered)))
             rates: dict[str, list[float]] = {}
-            cpu_ms: dict[str, list[float]] = {}
-            for name, server in (("off", off), ("on", on), ("off", off), ("on", on)):
-                cpu_before = cpu_seconds(server.process.pid)
+            loop_ms: dict[str, list[float]] = {}
+            every_ms: dict[str, list[float]] = {}
+            for name, server in [("off", off), ("on", on)] * args.rounds:
+                loop_before, every_before = thread_cpu_ms(server.process.pid)
                 rate = closed_loop(server.url, images, args.clients, args.seconds)
+                loop_after, every_after = thread_cpu_ms(server.process.pid)
+                inspections = rate * args.seconds
                 rates.setdefault(name, []).append(rate)
-                cpu_ms.setdefault(name, []).append(
-                    (cpu_seconds(server.process.pid) - cpu_before) * 1000 / (rate * args.seconds))
+                loop_ms.setdefault(name, []).append((loop_after - loop_before) / inspections)
+                every_ms.setdefault(name, []).append((every_after - every_before) / inspections)
             best = {name: max(values) for name, values in rates.items()}
-            cost = {name: min(values) for name, values in cpu_ms.items()}
+            loop = {name: statistics.median(values) for name, values in loop_ms.items()}
+            every = {name: statistics.median(values) for name, values in every_ms.items()}
             print()
-            print(f"closed loop, {args.clients} clients, {args.seconds:g} s a row (best of 2): no output "
+            print(f"closed loop, {args.clients} clients, {args.seconds:g} s a row (best of {args.rounds}): no output "
                   f"{best['off']:.1f} inspections/s, MQTT + Modbus + OPC UA + TCP on {best['on']:.1f} inspections/s, "
                   f"ratio {best['on'] / best['off']:.3f} (goal >= 0.95)")
-            # The peers run on the same 2 cores (the OPC UA and Modbus servers are Python): the appliance's own CPU per
-            # inspection tells what the outputs cost it, apart from what the peers take from the machine.
-            print(f"appliance CPU per inspection (least of 2): no output {cost['off']:.1f} ms, all four on "
-                  f"{cost['on']:.1f} ms, ratio {cost['off'] / cost['on']:.3f}")
+            # The peers and the client run on the same 2 cores: the appliance's own CPU per inspection tells what the
+            # outputs cost it, apart from what the others take from the machine.
+            print(f"appliance CPU per inspection (median of {args.rounds}): no output {every['off']:.1f} ms, all four "
+                  f"on {every['on']:.1f} ms, ratio {every['off'] / every['on']:.3f}; its event loop's thread "
+                  f"{loop['off']:.2f} ms -> {loop['on']:.2f} ms (+{loop['on'] - loop['off']:.2f} ms for four messages)")
+            print(f"load average after: {os.getloadavg()[0]:.1f}")
         finally:
-            on.stop()
-            off.stop()
-            subscriber.stop()
+            for started in (on, off):
+                if started is not None:
+                    started.stop()
+            for peer in peers.values():
+                peer.stop()
             broker.stop()
             modbus.stop()
-            opcua.stop()
-            line.stop()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 All the configured nodes are written in ONE write request, in the order they are listed (put the counter last: a
 PLC that latches on the counter then reads the other values of the same part). Each value is converted to the
-node's own data type, read once when connecting.
+node's own data type, read once when connecting; the request's WriteValue items (node id, attribute) are built
+then too, so a message only sets each item's value (asyncua's encoding of the request is most of what a write
+costs the appliance: bench/outputs.py).
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def convert(value: Any, type_name: str) -> Any:
 class OpcUaOutput(Output[OpcUaSettings]):
     settings_model = OpcUaSettings
     client: Any = None
-    # (field, node, variant type name) in the configured order, read from the server when connecting.
+    # (field, variant type, its WriteValue item) in the configured order, made when connecting.
     targets: list[tuple[str, Any, Any]] = []
 
     async def connect(self) -> None:
@@ -167,21 +169,24 @@ class OpcUaOutput(Output[OpcUaSettings]):
             variant = await node.read_data_type_as_variant_type()
             if variant.name not in SUPPORTED:
                 raise ValueError(f"{node_id} ({field}) is a {variant.name}; supported: {', '.join(SUPPORTED)}")
-            targets.append((field, node, variant))
+            targets.append((field, variant, ua.WriteValue(NodeId=node.nodeid, AttributeId=ua.AttributeIds.Value)))
         self.targets = targets
 
     async def send(self, message: Message) -> None:
         from asyncua import ua
 
-        nodes, values = [], []
-        for field, node, variant in self.targets:
+        items = []
+        for field, variant, item in self.targets:
             value = convert(field_value(message, field), variant.name)
             if value is not None:
-                nodes.append(node)
                 # No source timestamp: many PLC servers (and asyncua's) refuse writing one (BadWriteNotSupported).
-                values.append(ua.DataValue(ua.Variant(value, variant)))
-        if nodes:
-            await self.client.write_values(nodes, values)
+                item.Value = ua.DataValue(ua.Variant(value, variant))
+                items.append(item)
+        if items:
+            # One Write service call with every node (the request is encoded before the call awaits anything,
+            # so the items may take the next message's values at once).
+            for result in await self.client.uaclient.write(ua.WriteParameters(NodesToWrite=items)):
+                result.check()
 
     async def close(self) -> None:
         import asyncio

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
+from itertools import islice
 from typing import Literal
 
 from pydantic import Field, field_validator
 
-from appliance.outputs.base import EnvValue, Message, Output, OutputSettings, resolved
-from appliance.outputs.template import check_template, render
+from appliance.outputs.base import BATCH_MAX, EnvValue, Message, Output, OutputSettings, resolved
+from appliance.outputs.template import check_template, compiled
 
 
 class TcpSettings(OutputSettings):
@@ -31,10 +33,22 @@ class TcpOutput(Output[TcpSettings]):
     async def connect(self) -> None:
         _, self.writer = await asyncio.open_connection(resolved(self.settings.host), self.settings.port)
 
+    def line(self, message: Message) -> bytes:
+        return (compiled(self.settings.template).render(message) + self.settings.line_end).encode("utf-8")
+
     async def send(self, message: Message) -> None:
         assert self.writer is not None
-        self.writer.write((render(self.settings.template, message) + self.settings.line_end).encode("utf-8"))
+        self.writer.write(self.line(message))
         await self.writer.drain()
+
+    async def send_batch(self, pending: deque[Message]) -> None:
+        """What is queued in one write (a backlog after a reconnect, or frames finished together)."""
+        assert self.writer is not None
+        batch = list(islice(pending, BATCH_MAX))
+        self.writer.write(b"".join(self.line(message) for message in batch))
+        async with asyncio.timeout(self.settings.timeout_s):
+            await self.writer.drain()
+        self.delivered(pending, len(batch))
 
     async def close(self) -> None:
         writer, self.writer = self.writer, None

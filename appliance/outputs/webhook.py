@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -81,7 +80,7 @@ class WebhookOutput(Output[WebhookSettings]):
         if self.settings.template is not None:
             text, content_type = render(self.settings.template, message), "text/plain; charset=utf-8"
         else:
-            text, content_type = json.dumps(message.as_dict(), separators=(",", ":")), "application/json"
+            text, content_type = message.json, "application/json"
         return text.encode("utf-8"), self.settings.content_type or content_type
 
     async def connect(self) -> None:

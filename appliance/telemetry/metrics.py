@@ -45,8 +45,9 @@ class Metrics:
         # The series of every request and node observation, looked up once: prometheus_client's labels() costs
         # 2.3 us a call, more than the inc() it is for (measured here); routes, statuses, APIs and nodes are
         # bounded sets, and none of these series is ever removed.
-        self._request_series: dict[tuple[str, int, str], tuple[Any, Any]] = {}
-        self._node_series: dict[tuple[str, str], Any] = {}
+        # (metric, label values) -> its child: labels() costs more than inc() or observe(), and the series below
+        # are touched per request, node, rectangle or output message.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         # api: the dialect that served the route (pekat, deepomatic, ..., core for health and metrics).
         self.requests = Counter("appliance_requests", "HTTP requests by route, status code and API",
@@ -120,8 +121,6 @@ class Metrics:
         self.remote_circuit = Gauge("appliance_remote_circuit_state", "Circuit breaker of each remote model server: "
                                     "0 closed, 1 half-open (the next call tries), 2 open (calls fail at once)",
                                     ["remote"], registry=r)
-        # (histogram, node) -> its child: labels() costs more than observe() and runs per rectangle.
-        self._score_children: dict[tuple[int, str], Any] = {}
         # The process: memory, CPU seconds, descriptors (from /proc), and threads.
         ProcessCollector(registry=r)
         Gauge("process_threads", "Threads of this process (all of them, as TasksMax counts)",
@@ -138,28 +137,28 @@ class Metrics:
         """At start and after each reload: the flow's hash tells which flow a dashboard's numbers came from."""
         self.project_info.info({"project": project, "flow_sha256": flow_sha256})
 
+    def _series(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def source_frame(self, source: str, outcome: str) -> None:
-        self.source_frames.labels(source, outcome).inc()
+        self._series(self.source_frames, source, outcome).inc()
 
     def output_message(self, output: str, outcome: str) -> None:
-        self.output_messages.labels(output, outcome).inc()
+        self._series(self.output_messages, output, outcome).inc()
 
     def output_queue(self, output: str, waiting: int) -> None:
-        self.output_queued.labels(output).set(waiting)
+        self._series(self.output_queued, output).set(waiting)
 
     def request(self, endpoint: str, status: int, api: str, seconds: float) -> None:
-        series = self._request_series.get((endpoint, status, api))
-        if series is None:
-            series = self._request_series[(endpoint, status, api)] = (
-                self.requests.labels(endpoint, str(status), api), self.request_duration.labels(endpoint, api))
-        series[0].inc()
-        series[1].observe(seconds)
+        self._series(self.requests, endpoint, str(status), api).inc()
+        self._series(self.request_duration, endpoint, api).observe(seconds)
 
     def node(self, node_id: str, node_type: str, seconds: float) -> None:
-        series = self._node_series.get((node_id, node_type))
-        if series is None:
-            series = self._node_series[(node_id, node_type)] = self.node_duration.labels(node_id, node_type)
-        series.observe(seconds)
+        self._series(self.node_duration, node_id, node_type).observe(seconds)
 
     def verdict(self, ok: bool) -> None:
         self._verdict_series[ok].inc()
@@ -191,7 +190,7 @@ class Metrics:
             for used in reversed(_dicts(ctx.get("models"))):
                 node = used.get("node")
                 if isinstance(node, str) and node_types(node) == "anomaly@1":
-                    self._score(self.anomaly_ratio, node).observe(score / threshold)
+                    self._series(self.anomaly_ratio, node).observe(score / threshold)
                     break
         for result in _dicts(ctx.get("classification")):
             node = result.get("node")
@@ -199,19 +198,12 @@ class Metrics:
             if isinstance(node, str) and isinstance(result.get("predicted"), list) and node_types(node) == "classify@1":
                 scores = [entry.get("score") for key in ("predicted", "discarded")
                           for entry in _dicts(result.get(key))]
-                self._score(self.classifier_top, node).observe(max([s for s in scores if _number(s)], default=0.0))
+                self._series(self.classifier_top, node).observe(max([s for s in scores if _number(s)], default=0.0))
         for rectangle in _dicts(ctx.get("detectedRectangles")):
             source, confidence = rectangle.get("source"), rectangle.get("confidence")
             node = source.get("moduleId") if isinstance(source, dict) else None
             if isinstance(node, str) and _number(confidence) and node_types(node) in CONFIDENCE_NODES:
-                self._score(self.detection_confidence, node).observe(confidence)
-
-    def _score(self, histogram: Histogram, node: str) -> Any:
-        key = (id(histogram), node)
-        child = self._score_children.get(key)
-        if child is None:
-            child = self._score_children[key] = histogram.labels(node)
-        return child
+                self._series(self.detection_confidence, node).observe(confidence)
 
     # The runtime's observer (appliance.runtime.models.RuntimeObserver).
     def inference(self, model: Any, seconds: float) -> None:

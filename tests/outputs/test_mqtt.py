@@ -4,12 +4,17 @@ back; a user and password from the environment; the counts in /metrics; `check` 
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import time
 
 import pytest
 import requests
 
 from appliance.errors import ConfigError
+from appliance.outputs.base import Message
+from appliance.outputs.mqtt import MqttOutput, MqttSettings
 from appliance.project import Project
 from tests.conftest import needs_tool, start_server, wait_until_sent, write_project
 from tests.outputs import FLOW, VERDICT, analyse
@@ -115,6 +120,48 @@ def test_a_dead_broker_never_delays_the_answer_and_gets_the_backlog_in_order(tmp
     finally:
         server.stop()
         subscriber.stop()
+
+
+def test_a_message_larger_than_the_socket_buffers_arrives_whole_and_before_the_next(tmp_path, broker):
+    # A publish is written out on the loop's next turn; what the socket cannot take then is written as it drains
+    # (the broker is stopped meanwhile, so 12 MB cannot fit in loopback's buffers: tcp_wmem is at most 4 MB).
+    subscriber = Subscriber(broker.port, "appliance/#").start()
+    big = "x" * (12 << 20)
+
+    def message(request_id: str, data: str = "") -> Message:
+        return Message(result=True, request_id=request_id, timestamp=time.time(), project="big", data=data)
+
+    async def publish() -> tuple[int, dict]:
+        output = MqttOutput("big", MqttSettings(type="mqtt", url=broker.url, qos=1, timeout_s=60))
+        output.start()
+        output.offer(message("first"))
+        while output.state.sent < 1:
+            await asyncio.sleep(0.01)
+        assert broker.process is not None
+        os.kill(broker.process.pid, signal.SIGSTOP)  # the broker stops reading
+        try:
+            output.offer(message("big", big))
+            output.offer(message("after"))
+            await asyncio.sleep(0.5)
+            sent_while_stopped = output.state.sent
+        finally:
+            os.kill(broker.process.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while output.state.sent < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        health = output.health()
+        await output.stop()
+        return sent_while_stopped, health
+
+    try:
+        sent_while_stopped, health = asyncio.run(publish())
+        heard = subscriber.wait_for(3, seconds=30)
+    finally:
+        subscriber.stop()
+    assert sent_while_stopped == 1  # the big one waits for the broker's acknowledgement
+    assert [m.json()["request_id"] for m in heard] == ["first", "big", "after"]
+    assert heard[1].json()["data"] == big
+    assert (health["sent"], health["failed"], health["dropped"]) == (3, 0, 0)
 
 
 def test_user_and_password_from_the_environment_and_never_in_the_log(tmp_path):

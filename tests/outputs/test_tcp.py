@@ -3,6 +3,7 @@ delays the answer, the backlog delivered in order when it comes back, and the co
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -12,6 +13,8 @@ import pytest
 import requests
 
 from appliance.errors import ConfigError
+from appliance.outputs.base import Message
+from appliance.outputs.template import Template
 from appliance.project import Project
 from tests.conftest import free_port, start_server, wait_until_sent, write_project
 from tests.outputs import FLOW, VERDICT, analyse
@@ -78,6 +81,23 @@ def test_each_inspection_is_one_templated_line_in_order(tmp_path, peer):
         assert (health["connected"], health["sent"], health["dropped"]) == (True, 5, 0)
     finally:
         server.stop()
+
+
+def test_every_placeholder_renders_as_documented():
+    message = Message(result=False, request_id="part-9", timestamp=1767225600.25, project="line-3", score=0.1234567,
+                      threshold=1.5, rectangles=2, labels=("spot", "scratch"), text="LOT 17", data="crate-4",
+                      models=({"node": "surface", "model": "parts", "version": "3"},), source="pekat", counter=41)
+    line = Template("$result|$ok|$verdict|${score}|$threshold|$rectangles|$labels|$text|$data|$models|$source|"
+                    "$counter|$project|$request_id|$timestamp|$$5").render(message)
+    assert line == ("false|0|NG|0.123457|1.5|2|spot,scratch|LOT 17|crate-4|parts:3|pekat|41|line-3|part-9|"
+                    "1767225600.25|$5")
+    assert json.loads(Template("$json").render(message)) == {
+        "result": False, "request_id": "part-9", "timestamp": 1767225600.25, "project": "line-3", "score": 0.1234567,
+        "threshold": 1.5, "rectangles": 2, "labels": ["spot", "scratch"], "text": "LOT 17", "data": "crate-4",
+        "models": [{"node": "surface", "model": "parts", "version": "3"}], "source": "pekat", "counter": 41}
+    unscored = Message(result=True, request_id="r", timestamp=0.0, project="p")
+    assert Template("[$score][$threshold][$labels] no placeholder").render(unscored) == "[][][] no placeholder"
+    assert Template("a constant line").render(unscored) == "a constant line"
 
 
 def test_a_dead_peer_never_delays_the_answer_and_gets_the_backlog_in_order(tmp_path):
