@@ -5,6 +5,10 @@ requests) fed frames already letterboxed to its input; the node in-process is `P
 inference, decoding, NMS, pixelation) plus the JSON; the HTTP rows send JPEG frames to the project's server
 and ask for the context, or the anonymised image (PNG as served, or JPEG).
 
+Beside the rates, the CPU each request cost: the bench process's for the in-process rows, and for the HTTP rows
+the server's and the client's apart (the client runs on the same cores). CPU per request moves less than the
+rates when other work shares the machine; the load average is printed before and after.
+
     .venv/bin/python bench/faces_path.py [--project projects/faces-anonymise] [--size 1280x720] [--seconds 4]
 """
 
@@ -12,8 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -38,6 +45,23 @@ def camera_frame(width: int, height: int) -> np.ndarray:
     return cv2.resize(cv2.cvtColor(side_by_side, cv2.COLOR_RGB2BGR), (width, height), interpolation=cv2.INTER_AREA)
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def with_cpu(run: Callable[[], dict[str, float]], server_pid: int | None = None) -> dict[str, float]:
+    """``run()``'s result with the CPU milliseconds per request of this process (`client_cpu`) and, given its
+    pid, of the server (`server_cpu`)."""
+    own, server = time.process_time(), process_cpu_seconds(server_pid) if server_pid else 0.0
+    result = run()
+    result["client_cpu"] = (time.process_time() - own) / result["n"] * 1e3
+    if server_pid:
+        result["server_cpu"] = (process_cpu_seconds(server_pid) - server) / result["n"] * 1e3
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", default=str(REPO / "projects" / "faces-anonymise"))
@@ -47,6 +71,7 @@ def main() -> None:
     width, height = (int(side) for side in args.size.lower().split("x"))
     source_dir = Path(args.project).resolve()
     config = yaml.safe_load((source_dir / "project.yaml").read_text())
+    load_before = os.getloadavg()
     frame = camera_frame(width, height)
     jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,13 +87,12 @@ def main() -> None:
         (slot,) = project.runtime.slots.values()
         loaded = slot.current
         assert loaded is not None
-        faces = len(project.inspect(frames.Frame(frame, "bench"), "")["detectedRectangles"])
+        rectangles = project.inspect(frames.Frame(frame, "bench"), "")["detectedRectangles"]
         top = ceiling(loaded, [fit_image(frame, loaded.input_size, "letterbox").batch], args.seconds)
         rows = [(f"in-process ceiling (AsyncInferQueue, {top['jobs']} jobs)", "-", top)]
         for clients in (1, 2):
-            rows.append(("node in-process (Project.inspect + JSON)", clients,
-                         in_process(project, lambda: frames.decode_image(jpeg, max_frame_pixels=1 << 25), clients,
-                                    args.seconds)))
+            rows.append(("node in-process (Project.inspect + JSON)", clients, with_cpu(lambda c=clients: in_process(
+                project, lambda: frames.decode_image(jpeg, max_frame_pixels=1 << 25), c, args.seconds))))
         # The whole-node ceiling: the better of the in-process rows (decoding the JPEG included, as served).
         whole = max((row[2] for row in rows[1:]), key=lambda result: result["rps"])
         per_node = node_times(project, [frame])
@@ -79,21 +103,29 @@ def main() -> None:
         try:
             for clients in (1, 8):
                 for name, query in paths:
-                    rows.append((name, clients, asyncio.run(over_http(
-                        f"{server.url}/analyze_image", lambda _, q=query: {"query": q, "body": jpeg}, clients,
-                        args.seconds))))
+                    rows.append((name, clients, with_cpu(lambda q=query, c=clients: asyncio.run(over_http(
+                        f"{server.url}/analyze_image", lambda _: {"query": q, "body": jpeg}, c, args.seconds)),
+                        server.process.pid)))
         finally:
             server.stop()
             project.close()
     model_h, model_w = loaded.input_size
     print(f"\nfaces@1 ({source_dir.name}): model {loaded.name} v{loaded.version} ({model_w}x{model_h}, "
-          f"{loaded.device}, {loaded.precision}), JPEG frames {width}x{height} with {faces} face(s), "
-          f"{args.seconds:g} s per row, client and server on the same cores\n")
-    print("| path | clients | req/s | p50 ms | p99 ms | ratio to inference ceiling | ratio to whole-node ceiling |")
-    print("|---|---|---|---|---|---|---|")
+          f"{loaded.device}, {loaded.precision}), JPEG frames {width}x{height} ({len(jpeg)} bytes), "
+          f"{args.seconds:g} s per row, client and server on the same cores; load average "
+          f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
+    print("faces found: " + ", ".join(f"{r['x']},{r['y']} {r['width']}x{r['height']} ({r['confidence']:.3f})"
+                                      for r in rectangles) + "\n")
+    print("| path | clients | req/s | p50 ms | p99 ms | ratio to inference ceiling | ratio to whole-node ceiling "
+          "| CPU ms/request (HTTP: server + client) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, clients, result in rows:
+        if "server_cpu" in result:
+            cpu = f"{result['server_cpu']:.1f} + {result['client_cpu']:.1f}"
+        else:
+            cpu = f"{result['client_cpu']:.1f}" if "client_cpu" in result else "-"
         print(f"| {name} | {clients} | {result['rps']:.1f} | {result['p50']:.2f} | {result['p99']:.2f} | "
-              f"{result['rps'] / top['rps']:.2f} | {result['rps'] / whole['rps']:.2f} |")
+              f"{result['rps'] / top['rps']:.2f} | {result['rps'] / whole['rps']:.2f} | {cpu} |")
     print_node_times(per_node)
 
 
