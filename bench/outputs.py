@@ -256,14 +256,24 @@ def main() -> None:
             rates: dict[str, list[float]] = {}
             loop_ms: dict[str, list[float]] = {}
             every_ms: dict[str, list[float]] = {}
+            peers_ms: list[float] = []
+            peer_pids: list[int] = [peer.process.pid for peer in peers.values() if peer.process.pid is not None]
+            peer_pids += [started.process.pid for started in (broker, modbus) if started.process is not None]
+
+            def peers_cpu_ms() -> float:
+                return sum(thread_cpu_ms(pid)[1] for pid in peer_pids)
+
             for name, server in [("off", off), ("on", on)] * args.rounds:
                 loop_before, every_before = thread_cpu_ms(server.process.pid)
+                peers_before = peers_cpu_ms()
                 rate = closed_loop(server.url, images, args.clients, args.seconds)
                 loop_after, every_after = thread_cpu_ms(server.process.pid)
                 inspections = rate * args.seconds
                 rates.setdefault(name, []).append(rate)
                 loop_ms.setdefault(name, []).append((loop_after - loop_before) / inspections)
                 every_ms.setdefault(name, []).append((every_after - every_before) / inspections)
+                if name == "on":
+                    peers_ms.append((peers_cpu_ms() - peers_before) / inspections)
             best = {name: max(values) for name, values in rates.items()}
             loop = {name: statistics.median(values) for name, values in loop_ms.items()}
             every = {name: statistics.median(values) for name, values in every_ms.items()}
@@ -276,6 +286,10 @@ def main() -> None:
             print(f"appliance CPU per inspection (median of {args.rounds}): no output {every['off']:.1f} ms, all four "
                   f"on {every['on']:.1f} ms, ratio {every['off'] / every['on']:.3f}; its event loop's thread "
                   f"{loop['off']:.2f} ms -> {loop['on']:.2f} ms (+{loop['on'] - loop['off']:.2f} ms for four messages)")
+            # What a plant's PLC, broker and OPC UA server spend elsewhere, taken here from the same 2 cores.
+            print(f"the peers' CPU per inspection with all four on (median of {args.rounds}): "
+                  f"{statistics.median(peers_ms):.1f} ms (Mosquitto, the paho subscriber, pymodbus's and asyncua's "
+                  "servers, the TCP listener)")
             print(f"load average after: {os.getloadavg()[0]:.1f}")
         finally:
             for started in (on, off):
