@@ -169,17 +169,27 @@ def train_anomaly(good: list[np.ndarray], backbone_xml: Path, *, size: int = 256
         "bank_size": int(len(bank.entries)), "subsample": int(min(len(extracted.patches), SUBSAMPLE)),
         "leave_out_scores": stats(good_scores),
     }
-    validation_scores: dict[str, list[float]] = {}
+    trained = TrainedAnomaly(model, threshold, pixel_threshold, metrics, size, len(images),
+                             backbone_name(backbone_xml), dict(zip(order, map(float, good_scores), strict=True)))
+    return validated(trained, good_scores, rule, val_good, val_bad, val_bad_masks, report)
+
+
+def validated(trained: TrainedAnomaly, good_scores: np.ndarray, rule: str, val_good: list[np.ndarray] | None,
+              val_bad: list[np.ndarray] | None, val_bad_masks: list[np.ndarray] | None,
+              report: Callable[[str], None]) -> TrainedAnomaly:
+    """The last step of either trainer: ``trained`` carries its good-only thresholds; the validation images, when
+    given, move them (`validate`); the metrics name the rule that chose them."""
+    metrics = trained.metrics
     if val_good or val_bad:
         report("validation")
         mark = time.perf_counter()
-        threshold, pixel_threshold, rule, validation_scores = validate(
-            model, size, good_scores, val_good or [], val_bad or [], val_bad_masks, threshold, rule, metrics)
+        trained.threshold, trained.pixel_threshold, rule, trained.validation_scores = validate(
+            trained.model, trained.size, good_scores, val_good or [], val_bad or [], val_bad_masks,
+            trained.threshold, rule, metrics)
         metrics["validation_seconds"] = round(time.perf_counter() - mark, 3)
     metrics["threshold_rule"] = rule
-    return TrainedAnomaly(model, float(threshold), float(pixel_threshold), metrics, size, len(images),
-                          backbone_name(backbone_xml), dict(zip(order, map(float, good_scores), strict=True)),
-                          validation_scores)
+    trained.threshold, trained.pixel_threshold = float(trained.threshold), float(trained.pixel_threshold)
+    return trained
 
 
 def validate(model: ov.Model, size: int, leave_out_scores: np.ndarray, val_good: list[np.ndarray],

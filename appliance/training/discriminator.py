@@ -44,7 +44,7 @@ import openvino as ov
 import openvino.opset13 as ops
 
 from appliance.training import TrainingError
-from appliance.training.anomaly import TrainedAnomaly, check_inputs, validate
+from appliance.training.anomaly import TrainedAnomaly, check_inputs, validated
 from appliance.training.bank import augmentations
 from appliance.training.features import (
     BORDER_PAD,
@@ -647,18 +647,9 @@ def train_discriminator(good: list[np.ndarray], backbone_xml: Path, *, mode: str
         "anomalous_cells": int(len(anomalous_cells)), "calibration_scores": stats(all_view_scores),
         "recipe": recipe_text(recipe),
     }
-    validation_scores: dict[str, list[float]] = {}
-    pixel_threshold = threshold
-    if val_good or val_bad:
-        report("validation")
-        mark = time.perf_counter()
-        threshold, pixel_threshold, rule, validation_scores = validate(
-            model, size, all_view_scores, val_good or [], val_bad or [], val_bad_masks, threshold, rule, metrics)
-        metrics["validation_seconds"] = round(time.perf_counter() - mark, 3)
-    metrics["threshold_rule"] = rule
-    return TrainedAnomaly(model, float(threshold), float(pixel_threshold), metrics, size, len(images),
-                          backbone_name(backbone_xml),
-                          dict(zip(calibration, map(float, calibration_scores), strict=True)), validation_scores)
+    trained = TrainedAnomaly(model, threshold, threshold, metrics, size, len(images), backbone_name(backbone_xml),
+                             dict(zip(calibration, map(float, calibration_scores), strict=True)))
+    return validated(trained, all_view_scores, rule, val_good, val_bad, val_bad_masks, report)
 
 
 def recipe_text(mode: Mode) -> str:

@@ -35,7 +35,7 @@ from appliance.training.features import FEATURE_CHANNELS, compile_f32
 from appliance.training.features import feature_model as bank_feature_model
 from appliance.training.scoring import predict
 from appliance.training.surfaces import SURFACES
-from tests.training.conftest import brick_crop
+from tests.training.conftest import assert_flagged_where_it_is, brick_crop
 
 
 def sand_part(seed: int) -> np.ndarray:
@@ -129,11 +129,7 @@ def test_held_out_good_crops_pass_and_a_hole_is_flagged_where_it_is(sand_discrim
     rng = np.random.default_rng(11)
     for seed in range(210, 213):
         image, mask = add_defect(sand_part(seed), "hole", rng)
-        score, anomaly_map = predict(request, image)
-        assert score > sand_discriminator.threshold
-        peak_y, peak_x = np.unravel_index(np.argmax(anomaly_map), anomaly_map.shape)
-        distance = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, 5)
-        assert distance[peak_y, peak_x] <= 8, (peak_x, peak_y, np.argwhere(mask).mean(0))
+        assert_flagged_where_it_is(request, image, mask, sand_discriminator.threshold)
 
 
 def test_threshold_comes_from_held_out_images(sand_discriminator: TrainedAnomaly) -> None:
