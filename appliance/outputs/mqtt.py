@@ -13,7 +13,7 @@ import aiomqtt
 from pydantic import Field, field_validator, model_validator
 
 from appliance.outputs.base import EnvValue, LoginSettings, Message, Output, OutputSettings, resolved
-from appliance.outputs.template import FIELDS, check_template, compiled
+from appliance.outputs.template import FIELDS, check_template, render
 
 SCHEMES = {"mqtt": 1883, "mqtts": 8883}
 
@@ -120,7 +120,7 @@ class MqttOutput(Output[MqttSettings]):
 
     def payload(self, message: Message) -> str:
         if self.settings.template is not None:
-            return compiled(self.settings.template).render(message)
+            return render(self.settings.template, message)
         if self.settings.fields is not None:
             values = message.as_dict()
             return json.dumps({name: values[name] for name in self.settings.fields}, separators=(",", ":"))
@@ -142,7 +142,7 @@ class MqttOutput(Output[MqttSettings]):
         # publish is awaited here (timeout=inf: aiomqtt then wraps it in no task of its own either) and the
         # disconnection expires a timeout around it.
         disconnected: asyncio.Future[None] | None = getattr(self.client, "_disconnected", None)
-        publish = self.client.publish(compiled(self.settings.topic).render(message), self.payload(message),
+        publish = self.client.publish(render(self.settings.topic, message), self.payload(message),
                                       qos=self.settings.qos, retain=self.settings.retain, timeout=math.inf)
         if disconnected is None:
             await publish

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from appliance.outputs.base import BATCH_MAX, EnvValue, Message, Output, OutputSettings, resolved
-from appliance.outputs.template import check_template, compiled
+from appliance.outputs.template import check_template, render
 
 
 class TcpSettings(OutputSettings):
@@ -34,7 +34,7 @@ class TcpOutput(Output[TcpSettings]):
         _, self.writer = await asyncio.open_connection(resolved(self.settings.host), self.settings.port)
 
     def line(self, message: Message) -> bytes:
-        return (compiled(self.settings.template).render(message) + self.settings.line_end).encode("utf-8")
+        return (render(self.settings.template, message) + self.settings.line_end).encode("utf-8")
 
     async def send(self, message: Message) -> None:
         assert self.writer is not None

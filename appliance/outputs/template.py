@@ -64,10 +64,11 @@ def _attribute(name: str) -> Callable[[Message], object]:
 
 
 @lru_cache(maxsize=64)
-def compiled(text: str) -> Template:
-    """The compiled template of a text (settings are frozen: each template compiles once per process)."""
+def _compiled(text: str) -> Template:
+    # Settings are frozen: each template compiles once per process.
     return Template(text)
 
 
 def render(text: str, message: Message) -> str:
-    return compiled(text).render(message)
+    """The template ``text`` filled in for ``message`` (compiled on its first use)."""
+    return _compiled(text).render(message)
