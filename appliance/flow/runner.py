@@ -76,6 +76,8 @@ class FlowRunner:
         self.graph = graph
         # Called with (node id, node type, seconds) after every node; the server's metrics set it.
         self.observe_node: Callable[[str, str, float], None] | None = None
+        # Every node takes a gray frame as it is: a Mono8 camera's frames need no BGR conversion (acquisition.py).
+        self.takes_gray = all(node.takes_gray for node in graph.nodes.values())
 
     def run(self, ctx: Context) -> Context:
         graph = self.graph

@@ -35,7 +35,7 @@ log = logging.getLogger("appliance.sources")
 def takes_gray(project: Project, capability: str | None) -> bool:
     """Whether the flow that inspects a source's frames (the project's, or the capability's) may get them gray."""
     runner = project.runner if capability is None else project.capabilities.get(capability)
-    return runner is not None and all(node.takes_gray for node in runner.graph.nodes.values())
+    return runner is not None and runner.takes_gray
 
 
 class Acquisition:
