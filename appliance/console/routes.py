@@ -28,7 +28,8 @@ from appliance.console.gallery import Gallery
 from appliance.console.live import LiveView
 from appliance.console.security import Guard, Session, is_loopback_host
 from appliance.console.stats import SAMPLE_S, LineStats
-from appliance.console.teach import SETS, Teaching, save_version
+from appliance.console.teach import MODES as TEACH_MODES
+from appliance.console.teach import SETS, TEACH_MODE, Teaching, save_version
 from appliance.context import to_json
 from appliance.errors import ApplianceError, BadRequest, NotFound
 from appliance.runtime.store import StoreError, read_current
@@ -481,6 +482,9 @@ class Console(Dialect):
     async def teach_train(self, request: web.Request) -> web.Response:
         session = self.guard.require(request, changes_state=True)
         body = await self._json(request)
+        mode = body.get("mode", TEACH_MODE)
+        if not isinstance(mode, str) or mode not in TEACH_MODES:
+            raise BadRequest(f"mode must be one of {', '.join(TEACH_MODES)}, got {json.dumps(mode)[:40]}")
         models = {entry["model"]: entry for entry in self._anomaly_models()}
         if not models:
             raise BadRequest("this project's flow has no anomaly@1 node to teach")
@@ -488,8 +492,8 @@ class Console(Dialect):
         if model not in models:
             raise BadRequest(f"model '{str(model)[:80]}' is not an anomaly model of this flow; models: "
                              f"{', '.join(models)}")
-        await self.teaching.train(model, models[model]["size"])
-        self.action(session, f"teach: training {model} on {len(self.teaching.images('good'))} good and "
+        await self.teaching.train(model, models[model]["size"], mode)
+        self.action(session, f"teach: training {model} ({mode}) on {len(self.teaching.images('good'))} good and "
                              f"{len(self.teaching.images('bad'))} bad image(s)")
         return web.json_response({"status": 200, "message": "training", "data": None})
 

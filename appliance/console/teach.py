@@ -7,8 +7,17 @@ One draft at a time lives in `<console folder>/teach/`: `good/` and `bad/` (PNG 
 bounded (RLIMIT_AS), so the inspection workers keep the cores and a huge set cannot take the line PC's memory;
 it reports its stages as JSON lines on stdout.
 
+The operator chooses the trainer (``MODES``: ``fast`` by default, ``thorough``, ``bank``; appliance/training/modes.py).
+What the page shows of the scores is what each trainer really did: the threshold is fitted on good scores of images
+the model has not learnt from (the bank: every image left out of the bank in turn; the discriminator: a quarter of
+the images held out of training, each in its 8 rotations x flips), and those are the images listed as "unseen" with a
+verdict that counts. The discriminator's training images are scored too and listed as "trained on", apart on the
+histogram and not counted: a model's scores of what it learnt from say little about new parts (on the benchmark's
+surfaces, crops of what it trained on scored up to 8x lower than new parts; on the demo's tiles its training images
+happened to score higher than the held-out ones).
+
 The training code is reached in two functions only, ``train_draft`` (in the child) and ``save_version`` (in the
-server), through ``appliance.training.anomaly`` and ``appliance.training.export``.
+server), through ``appliance.training.anomaly``, ``appliance.training.modes`` and ``appliance.training.export``.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -33,6 +42,9 @@ import numpy as np
 from appliance.console.background import Background
 from appliance.context import Context
 from appliance.errors import ApplianceError, BadRequest
+
+if TYPE_CHECKING:
+    from appliance.training.anomaly import TrainedAnomaly
 
 log = logging.getLogger("appliance.console")
 
@@ -43,12 +55,27 @@ MIN_GOOD = 2
 # resident); 200 images at 256 px stay far below this. Past it the child fails with a MemoryError, not the PC.
 MEMORY_LIMIT_BYTES = 3 << 30
 TRAINING_NICE = 10
-# The trainer teaching uses (appliance/training/modes.py). The memory bank scores every good image as if unseen
-# (leave-one-out), which this page's histogram and its stages show; the discriminator modes (better on stochastic
-# surfaces, docs/anomaly.md) score only the quarter they hold out, shown as "–" until the page learns that.
-TEACH_MODE = "bank"
-# The stages the child reports, in order, and the share of a 12-image training each took here (for the bar).
-STAGES = (("features", 0.40), ("bank", 0.45), ("threshold", 0.12), ("save", 0.03))
+# The trainer teaching uses unless the operator chooses another (appliance/training/modes.py): the discriminator,
+# which found more than the memory bank on every benchmark surface and infers faster (docs/anomaly.md).
+TEACH_MODE = "fast"
+# What the page says of each mode, in the order it offers them (measured on 2 cores, docs/anomaly.md).
+MODES = {
+    "fast": "learned discriminator: most surfaces; about 4-5 s from 20 images, 8 ms a frame",
+    "thorough": "discriminator on the frame enlarged 1.5x: thin scratches, small spots; about 40 s from 200 images, "
+                "21 ms a frame",
+    "bank": "memory bank: structured parts with few good images; about 3 s from 20 images, 13 ms a frame",
+}
+# The stages the child reports by trainer, in order, and the share of a 12-image training on the demo's parts each
+# took here (for the bar).
+STAGES = {
+    "bank": (("features", 0.40), ("bank", 0.44), ("threshold", 0.12), ("save", 0.01), ("scores", 0.03)),
+    "discriminator": (("features", 0.42), ("discriminator", 0.28), ("threshold", 0.10), ("save", 0.01),
+                      ("scores", 0.19)),
+}
+
+
+def stages_of(mode: str) -> tuple[tuple[str, float], ...]:
+    return STAGES["bank" if mode == "bank" else "discriminator"]
 THUMBNAIL_SIDE = 200
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -89,24 +116,60 @@ def train_draft(draft: Path, size: int, backbone: Path | None = None, mode: str 
 
     trained = train_by_mode(good, backbone, mode=mode, size=size, val_bad=bad or None, progress=report)
     _emit({"stage": "save"})
-    # Scores of the good images as if unseen (the bank's leave-one-out, at most LEAVE_OUT_IMAGES of them; the
-    # discriminator's held-out calibration images): None for the rest; and the validation's scores of the bad ones.
-    good_scores: list[float | None] = [trained.leave_out_scores.get(index) for index in range(len(good))]
-    bad_scores = trained.validation_scores.get("bad", [])
     output = draft / "trained"
     shutil.rmtree(output, ignore_errors=True)
     output.mkdir()
     # f32 weights, as save_anomaly_model writes them: fp16 would move every distance.
     ov.save_model(trained.model, output / "model.xml", compress_to_fp16=False)
+    _emit({"stage": "scores"})
+    scores = good_image_scores(trained, good, mode)
+    bad_scores = trained.validation_scores.get("bad", [])
     result = {
-        "threshold": trained.threshold, "pixel_threshold": trained.pixel_threshold, "size": trained.size,
-        "images": trained.images, "backbone": trained.backbone, "metrics": _plain(trained.metrics),
-        "seconds": round(time.perf_counter() - started, 2),
-        "scores": {"good": [{"name": p.name, "score": s} for p, s in zip(good_paths, good_scores, strict=True)],
-                   "bad": [{"name": p.name, "score": s} for p, s in zip(bad_paths, bad_scores, strict=True)]},
+        "mode": mode, "threshold": trained.threshold, "pixel_threshold": trained.pixel_threshold,
+        "size": trained.size, "images": trained.images, "backbone": trained.backbone,
+        "metrics": _plain(trained.metrics), "seconds": round(time.perf_counter() - started, 2),
+        "fitted_on": scores["fitted_on"],
+        "scores": {"good": [{"name": path.name, "score": score, "unseen": unseen}
+                            for path, (score, unseen) in zip(good_paths, scores["good"], strict=True)],
+                   "bad": [{"name": p.name, "score": s} for p, s in zip(bad_paths, bad_scores, strict=True)],
+                   "fitted": scores["fitted"]},
     }
     (draft / "result.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def good_image_scores(trained: TrainedAnomaly, good: list[np.ndarray], mode: str) -> dict[str, Any]:
+    """Every good image's score and whether the model learnt from it, the scores the calibrated threshold was
+    fitted on, and a sentence saying which those are.
+
+    The bank's leave-one-out scores (at most LEAVE_OUT_IMAGES images) are each image scored without its own
+    entries: unseen. The discriminator's held-out images are unseen, and its threshold is fitted on them in their
+    8 rotations x flips, scored here by the trained graph, as the line will score them (the trainer's own fit used
+    the graph's numpy twin: equal within 1e-3); with fewer than 6 images it held none out and fitted on its training
+    images. The other images are scored by the graph as they are, and are "trained on".
+    """
+    from appliance.training import anomaly as training
+    from appliance.training.bank import augmentations
+    from appliance.training.images import prepare_image
+
+    request = training.compile_anomaly_model(trained.model).create_infer_request()
+    known: dict[int, float] = trained.leave_out_scores
+    held_out = mode == "bank" or trained.metrics.get("calibration_images", 0) > 0
+    scores = [(known[index], held_out) if index in known else (training.predict(request, image)[0], False)
+              for index, image in enumerate(good)]
+    if mode == "bank":
+        fitted = [known[index] for index in sorted(known)]
+        sentence = (f"{len(fitted)} good images, each scored by the bank without its own patches (leave-one-out)"
+                    + (f"; the other {len(good) - len(fitted)} are in the bank" if len(fitted) < len(good) else ""))
+    else:
+        fitted = [training.predict(request, view)[0] for index in sorted(known)
+                  for view in augmentations(prepare_image(good[index], trained.size))]
+        sentence = (f"{len(known)} good images held out of training, each in its 8 rotations x flips "
+                    f"({len(fitted)} scores); the other {len(good) - len(known)} trained the model" if held_out else
+                    f"the {len(known)} training images in their 8 rotations x flips ({len(fitted)} scores): too few "
+                    f"images to hold any out (6 are needed), so the threshold may fail good parts the model has not "
+                    f"seen; teach with more")
+    return {"good": scores, "fitted": fitted, "fitted_on": sentence}
 
 
 def _plain(value: Any) -> Any:
@@ -127,8 +190,10 @@ def save_version(draft: Path, result: dict[str, Any], model_dir: Path, threshold
     if abs(threshold - float(result["threshold"])) > 1e-9:
         metrics["threshold_rule"] = f"chosen in the console by session {who}"
         metrics["calibrated_threshold"] = float(result["threshold"])
-        # As the good-only rule does: regions are cut at the image threshold (a flagged image shows its peak).
-        pixel_threshold = threshold
+        if pixel_threshold >= float(result["threshold"]):
+            # Regions were cut at the image threshold (the bank's good-only rule): they follow it.
+            pixel_threshold = threshold
+        # else a cut of its own (the discriminator's, from good pixels): it stays, at most the threshold.
     model = core().read_model(str(draft / "trained" / "model.xml"))
     trained = training.TrainedAnomaly(model, threshold, min(pixel_threshold, threshold), metrics, int(result["size"]),
                                       int(result["images"]), str(result["backbone"]))
@@ -142,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("draft", type=Path)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--backbone", type=Path)
-    parser.add_argument("--mode", default=TEACH_MODE)
+    parser.add_argument("--mode", default=TEACH_MODE, choices=list(MODES))
     args = parser.parse_args(argv)
     os.nice(TRAINING_NICE)
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
@@ -171,6 +236,7 @@ class Teaching:
         self.status = "idle"  # idle, training, trained, failed, saved
         self.error: str | None = None
         self.model: str | None = None
+        self.mode = TEACH_MODE
         self.stage: str | None = None
         self.stage_seconds: list[list[Any]] = []  # [stage, seconds] of the stages done
         self._stage_started = 0.0
@@ -189,6 +255,7 @@ class Teaching:
             if (self.folder / "trained" / "model.xml").is_file():
                 self.status = "trained"
                 self.model = self.result.get("model") if isinstance(self.result, dict) else None
+                self.mode = str(self.result.get("mode", "bank")) if isinstance(self.result, dict) else TEACH_MODE
             else:
                 self.result = None
         except (OSError, ValueError):
@@ -293,11 +360,14 @@ class Teaching:
     async def train(self, model: str, size: int, mode: str = TEACH_MODE) -> None:
         if self.status == "training":
             raise ApplianceError("training is already running", status=409)
+        if mode not in MODES:
+            raise BadRequest(f"mode must be one of {', '.join(MODES)}, got '{mode[:20]}'")
         good = len(self.images("good"))
         if good < MIN_GOOD:
             raise BadRequest(f"{good} good image(s) in the draft; teaching needs at least {MIN_GOOD}")
         self._changed()
         self.status, self.model, self.error, self.stage, self.stage_seconds = "training", model, None, None, []
+        self.mode = mode
         self._started = self._stage_started = time.monotonic()
         self._process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "appliance.console.teach", str(self.folder), "--size", str(size), "--mode", mode,
@@ -357,8 +427,9 @@ class Teaching:
         return {
             "status": self.status, "error": self.error, "model": self.model,
             "stage": self.stage, "stage_elapsed": round(now - self._stage_started, 2) if self.stage else None,
-            "stages_done": self.stage_seconds, "stages": [name for name, _ in STAGES],
-            "stage_shares": dict(STAGES),
+            "stages_done": self.stage_seconds, "stages": [name for name, _ in stages_of(self.mode)],
+            "stage_shares": dict(stages_of(self.mode)), "mode": self.mode,
+            "modes": [{"mode": mode, "note": note} for mode, note in MODES.items()],
             "elapsed": round(now - self._started, 2) if self.status == "training" else None,
             "images": {kind: self.images(kind) for kind in SETS}, "max_images": MAX_IMAGES,
             "collecting": dict(self.collecting) if self.collecting else None,

@@ -82,8 +82,10 @@ def main() -> int:
                 page.wait_for_function("() => document.querySelector('#bad-count').textContent.startsWith('6 of')")
                 page.click("#train")
                 page.wait_for_selector("#teach-result:not([hidden])", timeout=300_000)
-                # A moved threshold: the borderline good part flips to NG (the page counts it, no call).
-                page.fill("#threshold-input", "0.95")
+                # A moved threshold: the borderline unseen good part flips to NG (the page counts it, no call).
+                borderline = page.locator("#scored .scored-item[data-set=good][data-unseen=yes]").evaluate_all(
+                    "items => Math.max(...items.map(i => Number(i.dataset.score)))")
+                page.fill("#threshold-input", f"{borderline * 0.99:.4g}")
                 page.set_viewport_size({"width": 1440, "height": 1480})
                 page.evaluate("() => window.scrollTo(0, 0)")
                 page.screenshot(path=str(args.out / "console-teach.png"))

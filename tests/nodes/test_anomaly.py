@@ -17,10 +17,12 @@ from appliance.runtime.store import switch_current, write_manifest
 from tests.conftest import write_project
 
 
-def save_red_detector(store: Path, version: str = "1", threshold: float = 0.5) -> None:
+def save_red_detector(store: Path, version: str = "1", threshold: float = 0.5,
+                      pixel_threshold: float | None = None) -> None:
     """An 'anomalib-like' model: f32 NCHW RGB in [0, 1]; anomaly_map = the red channel; pred_score = its max.
 
-    Reading the red channel makes a swapped colour order or a missing scale fail the tests.
+    Reading the red channel makes a swapped colour order or a missing scale fail the tests. The pixel threshold
+    is the image threshold unless given.
     """
     image = ops.parameter([1, 3, 64, 64], ov.Type.f32, name="input")
     red = ops.slice(image, ops.constant(np.array([0])), ops.constant(np.array([1])), ops.constant(np.array([1])),
@@ -37,7 +39,7 @@ def save_red_detector(store: Path, version: str = "1", threshold: float = 0.5) -
     spec = {"task": "anomaly", "input": {"name": "input", "size": [64, 64], "element_type": "f32", "layout": "NCHW",
                                          "colour_order": "RGB", "scale": 1 / 255},
             "outputs": {"score": "pred_score", "map": "anomaly_map"}, "threshold": threshold,
-            "pixel_threshold": threshold}
+            "pixel_threshold": threshold if pixel_threshold is None else pixel_threshold}
     (version_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
     write_manifest(version_dir)
     switch_current(store / "red", version)
@@ -95,6 +97,58 @@ def test_heatmap_answer_shows_the_region(red_server):
     # Jet colour map: the hottest value is dark red, the coldest dark blue.
     assert inside[2] > 100 and inside[0] < 50, inside
     assert outside[0] > 100 and outside[2] < 50, outside
+
+
+@pytest.fixture(scope="module")
+def hysteresis_server(tmp_path_factory):
+    """The red detector with its regions cut lower than its threshold, as the discriminator's are: pixel 0.2,
+    image 0.5."""
+    from tests.conftest import start_server
+
+    project = write_project(tmp_path_factory.mktemp("anomaly") / "p", FLOW)
+    save_red_detector(project / "models", threshold=0.5, pixel_threshold=0.2)
+    server = start_server(project)
+    yield server
+    server.stop()
+
+
+def painted(*squares: tuple[int, int, int, int, int]) -> bytes:
+    """A black frame with red rectangles (x, y, width, height, red level 0-255), in frame pixels."""
+    image = np.zeros((480, 640, 3), np.uint8)
+    for x, y, width, height, red in squares:
+        image[y:y + height, x:x + width, 2] = red
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+def boxes(ctx: dict) -> list[tuple[float, float, float, float]]:
+    return [(r["x"], r["y"], r["x"] + r["width"], r["y"] + r["height"]) for r in ctx["detectedRectangles"]]
+
+
+def test_a_region_below_the_image_threshold_gets_no_rectangle_beside_a_defect(hysteresis_server):
+    # A defect (red 1.0 >= 0.5) and, apart from it, a faint patch (0.3: above the pixel threshold 0.2, below the
+    # image threshold): the faint patch alone would pass the part, so it is no defect of its own.
+    ctx = requests.post(f"{hysteresis_server.url}/analyze_image",
+                        data=painted((180, 130, 60, 60, 255), (330, 250, 60, 60, 77))).json()
+    assert ctx["result"] is False
+    ((x0, y0, x1, y1),) = boxes(ctx)
+    assert abs(x0 - 180) <= 6 and abs(y0 - 130) <= 6 and abs(x1 - 240) <= 6 and abs(y1 - 190) <= 6
+
+
+def test_a_defect_whose_map_dips_between_two_peaks_is_one_rectangle(hysteresis_server):
+    # Two strong ends joined by a faint stretch (0.3), as the discriminator maps a thin scratch that crosses light
+    # mortar and dark brick: one rectangle from end to end, where a cut at the image threshold gives two.
+    ctx = requests.post(f"{hysteresis_server.url}/analyze_image",
+                        data=painted((150, 150, 30, 20, 255), (180, 150, 120, 20, 77), (300, 150, 30, 20, 255))).json()
+    assert ctx["result"] is False
+    ((x0, y0, x1, y1),) = boxes(ctx)
+    assert abs(x0 - 150) <= 6 and abs(x1 - 330) <= 6 and abs(y0 - 150) <= 6 and abs(y1 - 170) <= 6
+    # The heat map's middle is the image threshold: the faint stretch is cool, the ends hot.
+    response = requests.post(f"{hysteresis_server.url}/analyze_image?response_type=heatmap",
+                             data=painted((150, 150, 30, 20, 255), (180, 150, 120, 20, 77), (300, 150, 30, 20, 255)))
+    heat = cv2.imdecode(np.frombuffer(response.content, np.uint8), cv2.IMREAD_COLOR).astype(int)
+    end, faint = heat[160 - 50, 165 - 100], heat[160 - 50, 240 - 100]  # the heat map is of the ROI at (100, 50)
+    assert end[2] > 100 and end[0] < 50, end
+    assert faint[2] < 100 and faint[0] > 100, faint
 
 
 def test_missing_model_fails_check_with_a_hint(tmp_path):

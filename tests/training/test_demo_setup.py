@@ -63,17 +63,20 @@ def test_fresh_good_parts_pass_without_rectangles(demo: Server, demo_copy: Path)
         assert ctx["models"] == [{"node": "surface", "model": MODEL, "version": "1", "device": "CPU"}]
 
 
-def test_every_defect_kind_is_ng_with_a_rectangle_on_the_defect(demo: Server, demo_copy: Path) -> None:
+def test_every_defect_kind_is_ng_with_one_rectangle_that_covers_the_defect(demo: Server, demo_copy: Path) -> None:
     for path in sorted((demo_copy / "images" / "bad").glob("*.png")):
         ctx = requests.post(f"{demo.url}/analyze_image", data=read(path)).json()
         assert ctx["result"] is False and ctx["score"] > ctx["threshold"], (path.name, ctx["score"])
         mask = cv2.imread(str(demo_copy / "images" / "masks" / path.name), cv2.IMREAD_GRAYSCALE) > 0
         ys, xs = np.nonzero(mask)
-        boxes = [(r["x"], r["y"], r["x"] + r["width"], r["y"] + r["height"]) for r in ctx["detectedRectangles"]]
-        assert boxes and all(r["source"]["type"] == "UNSUPERVISED" for r in ctx["detectedRectangles"])
-        # The defect's centre lies in a reported rectangle.
-        centre = (xs.mean(), ys.mean())
-        assert any(x0 <= centre[0] <= x1 and y0 <= centre[1] <= y1 for x0, y0, x1, y1 in boxes), (path.name, boxes)
+        # One defect, one rectangle: a thin scratch is not cut into pieces, the tile around it adds none.
+        (rect,) = ctx["detectedRectangles"]
+        assert rect["source"]["type"] == "UNSUPERVISED"
+        x0, y0, x1, y1 = rect["x"], rect["y"], rect["x"] + rect["width"], rect["y"] + rect["height"]
+        # It holds the defect's centre and nearly all of the defect (the map is blurred, so it is a little wider).
+        assert x0 <= xs.mean() <= x1 and y0 <= ys.mean() <= y1, (path.name, rect)
+        inside = (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
+        assert inside.mean() >= 0.9, (path.name, rect, inside.mean())
 
 
 def test_heatmap_is_hot_on_the_defect_and_the_annotated_image_frames_it(demo: Server, demo_copy: Path) -> None:

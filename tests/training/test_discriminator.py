@@ -13,6 +13,7 @@ from appliance.runtime.models import LoadedModel, RuntimeOptions
 from appliance.runtime.spec import AnomalySpec, read_spec
 from appliance.training import TrainingError
 from appliance.training.anomaly import TrainedAnomaly
+from appliance.training.bank import augmentations
 from appliance.training.defects import add_defect
 from appliance.training.discriminator import (
     FAST,
@@ -23,9 +24,12 @@ from appliance.training.discriminator import (
     feature_model,
     gumbel_threshold,
     numpy_maps,
+    pixel_quantile,
     scoring_model,
     single_threaded_blas,
     synthetic_anomalies,
+    tail_size,
+    top_pixels,
     train_discriminator,
     train_mlp,
     upscaled_patch_features,
@@ -145,8 +149,34 @@ def test_threshold_comes_from_held_out_images(sand_discriminator: TrainedAnomaly
     # Each held-out image counts in its 8 rotations x flips: 24 maxima for the fit, each image as it is listed.
     assert "held-out good scores" in metrics["threshold_rule"] and "8 views" in metrics[
         "threshold_rule"]
-    assert sand_discriminator.pixel_threshold == sand_discriminator.threshold
     assert set(metrics["timings"]) >= {"good_features", "anomaly_features", "mlp", "calibration"}
+
+
+def test_pixel_threshold_is_what_one_held_out_good_pixel_in_a_thousand_reaches(
+        sand_discriminator: TrainedAnomaly) -> None:
+    # Regions (anomaly@1: above the pixel threshold, reaching the image threshold) start where good pixels end:
+    # the 99.9th percentile of the maps of the held-out images in their 8 rotations x flips, as the graph makes them.
+    request = compile_f32(sand_discriminator.model).create_infer_request()
+    held_out = sorted(sand_discriminator.leave_out_scores)
+    images = [sand_part(seed) for seed in range(100, 112)]
+    maps = [predict(request, view)[1] for index in held_out for view in augmentations(images[index])]
+    assert len(maps) == 24
+    expected = float(np.percentile(np.stack(maps), 99.9))
+    assert sand_discriminator.pixel_threshold == pytest.approx(expected, rel=1e-3)
+    assert sand_discriminator.pixel_threshold < sand_discriminator.threshold / 2
+    assert sand_discriminator.metrics["pixel_threshold_rule"] == "99.9% quantile of the map pixels of 24 held-out " \
+                                                                  "good views"
+
+
+def test_pixel_quantile_from_each_maps_top_pixels_is_numpys_percentile() -> None:
+    rng = np.random.default_rng(4)
+    maps = [rng.gamma(1.0, size=(48, 48)).astype(np.float32) * scale for scale in (0.5, 1, 3)]
+    maps[1][:6, :6] = 40  # one map holds the whole tail
+    total = 3 * 48 * 48
+    for share in (0.001, 0.01, 0.3):
+        tops = [top_pixels(anomaly_map, tail_size(total, share)) for anomaly_map in maps]
+        assert pixel_quantile(tops, total, share) == pytest.approx(
+            float(np.percentile(np.stack(maps).astype(np.float64), 100 * (1 - share))), rel=1e-6)
 
 
 def test_stored_model_loads_in_the_runtime_like_a_bank_model(sand_discriminator: TrainedAnomaly,

@@ -315,8 +315,8 @@ $("#inspect-file").addEventListener("change", (event) => inspect.file(event.targ
 
 // -- teach -----------------------------------------------------------------------------------------------------
 
-const STAGE_NAMES = { features: "Features of every view", bank: "Memory bank", threshold: "Threshold and scores",
-  save: "Model written" };
+const STAGE_NAMES = { features: "Features of every view", bank: "Memory bank", discriminator: "Discriminator",
+  threshold: "Threshold", save: "Model written", scores: "Scores of the images" };
 
 const teach = {
   state: null,
@@ -361,6 +361,13 @@ const teach = {
     if (!state.models.length) $("#teach-model-note").textContent = "The flow has no anomaly@1 node to teach.";
     const model = state.models.find((m) => m.model === select.value);
     if (model) $("#teach-model-note").textContent = `Input ${model.size}×${model.size} px; a new version is added.`;
+    const modes = $("#teach-mode");
+    if (!modes.options.length) {
+      modes.replaceChildren(...state.modes.map((m) => el("option", { value: m.mode, text: m.mode })));
+      modes.value = state.mode;
+    }
+    const mode = state.modes.find((m) => m.mode === modes.value);
+    $("#teach-mode-note").textContent = mode ? mode.note : "";
     const training = state.status === "training";
     $("#train").disabled = training || state.images.good.length < 2 || !state.models.length;
     $("#train").textContent = training ? "Training…" : (state.result ? "Train again" : "Train");
@@ -432,9 +439,20 @@ const teach = {
     this.refresh();
   },
 
+  // Good images the threshold can be judged on ("unseen": left out of the bank, or held out of the discriminator's
+  // training) and those the model learnt from ("trained on": shown with their verdict, never counted: their scores
+  // say little about new parts). A result of before the modes has no flag: its scored images were the bank's
+  // leave-one-out.
   items() {
     const result = this.state.result;
-    return [...result.scores.good.map((s) => ({ ...s, set: "good" })), ...result.scores.bad.map((s) => ({ ...s, set: "bad" }))];
+    return [...result.scores.good.map((s) => ({ ...s, set: "good", unseen: s.unseen ?? s.score !== null })),
+      ...result.scores.bad.map((s) => ({ ...s, set: "bad", unseen: true }))];
+  },
+
+  // The good scores the calibrated threshold was fitted on.
+  fitted() {
+    const result = this.state.result;
+    return result.scores.fitted ?? result.scores.good.filter((s) => s.score !== null).map((s) => s.score);
   },
 
   showResult() {
@@ -442,36 +460,41 @@ const teach = {
     $("#threshold-input").value = fmt(this.threshold, 5);
     const metrics = result.metrics || {};
     const auroc = metrics.image_auroc !== undefined ? ` · image AUROC ${fmt(metrics.image_auroc, 4)}` : "";
-    $("#teach-summary").textContent = `${result.images} good image(s) learnt in ${fmt(result.seconds, 3)} s · ` +
-      `calibrated threshold ${fmt(result.threshold, 4)} (${metrics.threshold_rule || ""})${auroc}`;
+    $("#teach-summary").textContent = `${result.images} good image(s) learnt in ${fmt(result.seconds, 3)} s ` +
+      `(${result.mode || "bank"}) · calibrated threshold ${fmt(result.threshold, 4)} (${metrics.threshold_rule || ""})${auroc}`;
+    $("#fitted-on").textContent = `The threshold is fitted on ${result.fitted_on || "the good images, each left out of the bank"}.`;
     const scored = $("#scored");
+    const kind = (item) => (item.set === "bad" ? "defective" : (item.unseen ? "good · unseen" : "good · trained on"));
     scored.replaceChildren(...this.items().map((item) => el("div", { class: "scored-item", "data-name": item.name,
-      "data-set": item.set, "data-score": item.score ?? "" },
+      "data-set": item.set, "data-score": item.score ?? "", "data-unseen": item.unseen ? "yes" : "no" },
       el("img", { src: `${API}/teach/thumbnail?${new URLSearchParams({ set: item.set, name: item.name })}`, alt: item.name,
         loading: "lazy" }),
       el("div", { class: "meta" }, el("span", { class: "name", title: item.name, text: item.name }),
         el("span", { class: "pill" })),
-      el("div", { class: "meta" }, el("span", { class: "muted", text: item.set === "good" ? "good" : "defective" }),
-        el("b", { text: item.score === null ? "in the bank" : fmt(item.score, 4) })))));
+      el("div", { class: "meta" }, el("span", { class: "muted", text: kind(item) }),
+        el("b", { text: item.score === null ? "–" : fmt(item.score, 4) })))));
     this.applyThreshold();
   },
 
   // Verdicts of the listed images at the chosen threshold: computed here, no call to the server.
   applyThreshold() {
     const threshold = this.threshold;
-    const tally = { good: [0, 0], bad: [0, 0] };
+    const tally = { good: [0, 0], bad: [0, 0], trained: [0, 0] };
     for (const node of $$("#scored .scored-item")) {
       const pill = $(".pill", node);
       if (node.dataset.score === "") { pill.className = "pill none"; pill.textContent = "–"; continue; }
       const ng = Number(node.dataset.score) >= threshold;
-      pill.className = `pill ${ng ? "ng" : "ok"}`;
+      const trained = node.dataset.unseen === "no";
+      pill.className = `pill ${ng ? "ng" : "ok"}${trained ? " trained" : ""}`;
       pill.textContent = ng ? "NG" : "OK";
       node.classList.toggle("flipped", (node.dataset.set === "good") === ng);
-      tally[node.dataset.set][ng ? 1 : 0] += 1;
+      tally[trained ? "trained" : node.dataset.set][ng ? 1 : 0] += 1;
     }
-    const [goodOk, goodNg] = tally.good, [badOk, badNg] = tally.bad;
+    const [goodOk, goodNg] = tally.good, [badOk, badNg] = tally.bad, [trainedOk, trainedNg] = tally.trained;
     $("#verdict-counts").replaceChildren(
-      el("span", { text: `Good parts: ${goodOk} OK, ${goodNg} NG` }),
+      el("span", { text: `Good parts, unseen: ${goodOk} OK, ${goodNg} NG` }),
+      ...(trainedOk + trainedNg ?
+        [el("span", { text: `Trained on: ${trainedOk} OK, ${trainedNg} NG, not counted` })] : []),
       ...(badOk + badNg ? [el("span", { text: `Defective parts: ${badNg} NG, ${badOk} missed` })] : []));
     this.drawHistogram();
   },
@@ -485,7 +508,12 @@ const teach = {
     const g = canvas.getContext("2d");
     g.scale(ratio, ratio);
     const items = this.items().filter((item) => item.score !== null);
-    const scores = items.map((item) => item.score);
+    // Bars: the good scores the threshold is fitted on, the defective parts, and (apart, grey) the images trained
+    // on. Ticks under the axis: every listed image.
+    const bars = [...this.fitted().map((score) => ({ set: "good", score })),
+      ...items.filter((item) => item.set === "bad").map((item) => ({ set: "bad", score: item.score })),
+      ...items.filter((item) => !item.unseen).map((item) => ({ set: "trained", score: item.score }))];
+    const scores = bars.map((bar) => bar.score);
     const low = Math.min(0, ...scores), high = Math.max(...scores, this.state.result.threshold, this.threshold) * 1.12;
     const pad = { left: 44, right: 16, top: 14, bottom: 44 };
     const plotWidth = width - pad.left - pad.right, plotHeight = height - pad.top - pad.bottom;
@@ -500,11 +528,12 @@ const teach = {
     g.fillStyle = "rgba(217, 45, 32, 0.06)";
     g.fillRect(x(this.threshold), pad.top, pad.left + plotWidth - x(this.threshold), plotHeight);
     const bins = 28, step = (high - low) / bins;
-    const counts = { good: new Array(bins).fill(0), bad: new Array(bins).fill(0) };
-    for (const item of items) counts[item.set][Math.min(bins - 1, Math.floor((item.score - low) / step))] += 1;
-    const tallest = Math.max(1, ...counts.good, ...counts.bad);
-    const colours = { good: "rgba(18, 128, 92, 0.75)", bad: "rgba(217, 45, 32, 0.75)" };
-    for (const set of ["good", "bad"]) {
+    const counts = { good: new Array(bins).fill(0), bad: new Array(bins).fill(0), trained: new Array(bins).fill(0) };
+    for (const bar of bars) counts[bar.set][Math.min(bins - 1, Math.floor((bar.score - low) / step))] += 1;
+    const tallest = Math.max(1, ...counts.good, ...counts.bad, ...counts.trained);
+    const colours = { good: "rgba(18, 128, 92, 0.75)", bad: "rgba(217, 45, 32, 0.75)", trained: "rgba(102, 112, 133, 0.35)" };
+    canvas.dataset.bars = JSON.stringify(Object.fromEntries(Object.entries(counts).map(([set, n]) => [set, n.reduce((a, b) => a + b, 0)])));
+    for (const set of ["trained", "good", "bad"]) {
       g.fillStyle = colours[set];
       counts[set].forEach((n, i) => {
         if (!n) return;
@@ -514,7 +543,7 @@ const teach = {
     }
     // Every image as a tick under the axis: few images, each one matters.
     for (const item of items) {
-      g.fillStyle = colours[item.set];
+      g.fillStyle = colours[item.unseen ? item.set : "trained"];
       g.fillRect(x(item.score) - 1, pad.top + plotHeight + 4, 2, 10);
     }
     g.strokeStyle = "#c8cfdb";
@@ -583,10 +612,11 @@ $("#collect-start").addEventListener("click", async () => {
 });
 $("#train").addEventListener("click", async () => {
   try {
-    await api("teach/train", { method: "POST", json: { model: $("#teach-model").value } });
+    await api("teach/train", { method: "POST", json: { model: $("#teach-model").value, mode: $("#teach-mode").value } });
   } catch (error) { failed(error); }
   teach.refresh();
 });
+$("#teach-mode").addEventListener("change", () => { if (teach.state) teach.render(teach.state); });
 $("#train-cancel").addEventListener("click", async () => {
   try { await api("teach/cancel", { method: "POST" }); } catch (error) { failed(error); }
   teach.refresh();
