@@ -29,6 +29,7 @@ from appliance.runtime.spec import AnomalySpec, ModelSpec
 
 class Anomaly(ModelNode[AnomalySettings]):
     takes_gray = True
+    shrinks_by_area = True
     settings_model = AnomalySettings
     spec_kind = AnomalySpec
 

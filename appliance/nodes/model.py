@@ -84,7 +84,7 @@ def _as_bgr(image: np.ndarray) -> np.ndarray:
 
 
 def _halve_first(width: int, height: int, new_w: int, new_h: int) -> bool:
-    """Whether `_shrink` halves the image before its last resize: while it stays at least the new size, and,
+    """Whether `shrink` halves the image before its last resize: while it stays at least the new size, and,
     where the sizes are whole multiples of the new ones, while they stay whole multiples (the last step then
     still averages whole blocks: 1920x1080 to 192x108 is halved once, then 5 x 5 blocks)."""
     if width % new_w == 0 and height % new_h == 0:
@@ -92,8 +92,10 @@ def _halve_first(width: int, height: int, new_w: int, new_h: int) -> bool:
     return width // 2 >= new_w and height // 2 >= new_h
 
 
-def _shrink(image: np.ndarray, new_w: int, new_h: int) -> tuple[np.ndarray, int, int]:
-    """The image at new_w x new_h with OpenCV (area when shrinking), and the width and height of it used."""
+def shrink(image: np.ndarray, new_w: int, new_h: int) -> tuple[np.ndarray, int, int]:
+    """The image at new_w x new_h with OpenCV (area when shrinking), and the width and height of it used. The
+    trainers size their images with it too (appliance/training/images.py), so a model sees frames on the line as
+    it saw them in training."""
     height, width = image.shape[:2]
     halvings = 0
     while _halve_first(width, height, new_w, new_h):
@@ -131,14 +133,14 @@ def fit_image(image: np.ndarray, input_size: tuple[int, int], fit: Fit, any_size
         if any_size:
             resized = cv2.resize(image, (model_w, model_h), interpolation=cv2.INTER_LINEAR)
             return ModelInput(_as_bgr(resized)[None], input_size, (width / model_w, height / model_h), origin=origin)
-        resized, used_w, used_h = _shrink(image, model_w, model_h)
+        resized, used_w, used_h = shrink(image, model_w, model_h)
         return ModelInput(_as_bgr(resized)[None], input_size, (used_w / model_w, used_h / model_h), origin=origin)
     # Letterboxing stays here, not in the graph: OpenVINO 2026.4's Interpolate on an input of dynamic height and
     # width took 8-10 ms for 1280x720 to 192x108 on the 2-core development machine (0.7 ms with a static input
-    # shape, which a camera's frame size cannot be known as), against 0.7-1.0 ms for `_shrink`.
+    # shape, which a camera's frame size cannot be known as), against 0.7-1.0 ms for `shrink`.
     factor = min(model_w / width, model_h / height)
     new_w, new_h = max(1, min(model_w, round(width * factor))), max(1, min(model_h, round(height * factor)))
-    resized, used_w, used_h = _shrink(image, new_w, new_h)
+    resized, used_w, used_h = shrink(image, new_w, new_h)
     pad_x, pad_y = (model_w - new_w) // 2, (model_h - new_h) // 2
     if (new_w, new_h) != (model_w, model_h):
         resized = cv2.copyMakeBorder(resized, pad_y, model_h - new_h - pad_y, pad_x, model_w - new_w - pad_x,
@@ -157,6 +159,11 @@ class ModelNode(Node[SettingsT]):
     spec_kind: ClassVar[type[ModelSpec]] = ModelSpec
     tasks: ClassVar[tuple[str, ...] | None] = None  # default: every task of spec_kind
     min_side: ClassVar[int] = 2  # smallest image side the node takes
+    # Shrink frames by area here instead of linearly in the graph: for models this appliance trains (anomaly,
+    # segmentation), whose trainers shrink by area, and whose fine textures a linear resize aliases. A fast
+    # anomaly model scored the demo's fresh good tiles 0.48-1.28 times its training-side score (median 0.85) when
+    # the graph resized them; its threshold is calibrated on training-side scores.
+    shrinks_by_area: ClassVar[bool] = False
     slot: ModelSlot  # set by prepare()
 
     @classmethod
@@ -191,7 +198,7 @@ class ModelNode(Node[SettingsT]):
     def fit(self, image: np.ndarray, loaded: CompiledModel, fit: Fit = "stretch") -> ModelInput:
         """The node's image as ``loaded`` takes it (checked: grey or BGR, not too small)."""
         bgr_or_grey(image, self.min_side, loaded.name)
-        return fit_image(image, loaded.input_size, fit, loaded.input.any_size)
+        return fit_image(image, loaded.input_size, fit, loaded.input.any_size and not self.shrinks_by_area)
 
     def record(self, ctx: Context, *models: CompiledModel) -> None:
         """Which model versions answered, on which device (`models` of the answer)."""

@@ -66,6 +66,7 @@ def thresholded(best: np.ndarray, probability: np.ndarray, threshold: float, cla
 
 class Segment(ModelNode[SegmentSettings]):
     takes_gray = True
+    shrinks_by_area = True
     settings_model = SegmentSettings
     spec_kind = SegmentSpec
 

@@ -7,13 +7,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from appliance.nodes.model import shrink
 from appliance.training import TrainingError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 def prepare_image(image: np.ndarray, size: int) -> np.ndarray:
-    """u8 BGR size x size, resized as the anomaly@1 node does (area when shrinking, bilinear when enlarging)."""
+    """u8 BGR size x size, resized as the anomaly@1 and segment@1 nodes do (`shrink`: area when shrinking,
+    bilinear when enlarging), so that thresholds calibrated here hold on the line."""
     if image.dtype != np.uint8:
         raise TrainingError(f"images must be u8 grey or BGR, got {image.dtype} {image.shape}")
     if image.ndim == 2:
@@ -22,11 +24,7 @@ def prepare_image(image: np.ndarray, size: int) -> np.ndarray:
         image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
     elif image.ndim != 3 or image.shape[2] != 3:
         raise TrainingError(f"images must be HxW or HxWx3, got shape {image.shape}")
-    height, width = image.shape[:2]
-    if (height, width) != (size, size):
-        shrink = height * width > size * size
-        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return np.ascontiguousarray(image)
+    return np.ascontiguousarray(shrink(image, size, size)[0])
 
 
 def load_images(folder: Path) -> tuple[list[np.ndarray], list[Path]]:

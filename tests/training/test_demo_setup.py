@@ -8,11 +8,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import openvino as ov
 import pytest
 import requests
 import yaml
 
 from appliance.runtime.store import read_current
+from appliance.training.anomaly import compile_anomaly_model, predict
 from appliance.training.demo_setup import BAD, CHECK_GOOD, MODEL, TRAIN_GOOD, set_up
 from tests.conftest import REPO, Server, start_server
 
@@ -100,3 +102,16 @@ def test_heatmap_is_hot_on_the_defect_and_the_annotated_image_frames_it(demo: Se
     # "NG" in red in the top-left corner.
     corner = annotated[8:30, 8:50].astype(int)
     assert ((corner[:, :, 2] > 200) & (corner[:, :, 1] < 60)).sum() > 40
+
+
+def test_the_line_scores_a_frame_as_training_did(demo: Server, demo_copy: Path) -> None:
+    """The threshold is calibrated on frames sized by the trainer: the line must size a 512x384 frame the same way
+    (area, not a linear resize in the graph), or its scores drift from the ones the threshold was fitted on."""
+    model = ov.Core().read_model(demo_copy / "models" / MODEL / "1" / "model.xml")
+    compiled = compile_anomaly_model(model)
+    for path in sorted((demo_copy / "images" / "check").glob("*.png"))[:6]:
+        frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        assert frame.shape == (384, 512, 3)
+        trained_score, _ = predict(compiled, frame)
+        served = requests.post(f"{demo.url}/analyze_image", data=read(path)).json()["score"]
+        assert served == pytest.approx(trained_score, rel=1e-3), path.name
