@@ -15,12 +15,16 @@ outputs on and with none, alternated `--rounds` times; the ratio is on / off (go
 peers share the 2 cores, so the throughput moves with whatever else runs; the appliance's own CPU per inspection
 (all its threads, and its event loop's thread alone, where the outputs run) says what the outputs cost it.
 
-    .venv/bin/python bench/outputs.py [--seconds 4] [--clients 2] [--rounds 2]
+Last, each output alone on an event loop of the bench's own process (`--per-output` messages one at a time,
+`--rounds` times): its loop thread's CPU per message, what each kind costs apart from the others and from HTTP.
+
+    .venv/bin/python bench/outputs.py [--seconds 4] [--clients 2] [--rounds 2] [--per-output 300]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import multiprocessing
 import os
 import socket
@@ -31,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -196,6 +201,49 @@ def closed_loop(url: str, images: list[bytes], clients: int, seconds: float) -> 
     return sum(counts) / seconds
 
 
+def per_output_cpu_ms(outputs: list[dict[str, Any]], count: int, gap_s: float = 0.01) -> dict[str, float]:
+    """Each output alone on an event loop of this process, sending `count` messages one at a time (`gap_s` apart,
+    each sent before the next comes, as on a line): the loop thread's CPU per message, minus the same loop's
+    with no output. What one kind costs, apart from the HTTP path and from the other kinds."""
+    from appliance.outputs import OUTPUT_TYPES, output_settings
+    from appliance.outputs.base import Message
+    from appliance.telemetry.metrics import Metrics
+
+    metrics = Metrics("line-io", "0" * 64)  # the server's own metrics: their cost is part of each message's
+    message = Message(result=True, request_id="", timestamp=time.time(), project="line-io", score=0.3,
+                      threshold=0.5, rectangles=1, labels=("spot",))
+
+    async def run(config: dict[str, Any] | None) -> float:
+        output = None
+        if config is not None:
+            settings = output_settings(config)
+            output = OUTPUT_TYPES[settings.type](f"alone-{settings.type}", settings, metrics)
+            output.start()
+
+        async def offer(tag: str, index: int) -> None:
+            if output is not None:
+                output.offer(replace(message, request_id=f"{tag}-{index}", counter=index, result=bool(index % 2)))
+            await asyncio.sleep(gap_s)
+
+        for index in range(10):  # connects
+            await offer("alone-warm", index)
+        started = time.thread_time()
+        for index in range(count):
+            await offer("alone", index)
+        while output is not None and output.state.pending:
+            await asyncio.sleep(0.001)
+        spent = time.thread_time() - started
+        if output is not None:
+            sent = output.state.sent
+            await output.stop()
+            if sent != count + 10:
+                raise RuntimeError(f"{output.name} sent {sent} of {count + 10}: {output.health()}")
+        return spent / count * 1000
+
+    idle = asyncio.run(run(None))
+    return {config["type"]: asyncio.run(run(config)) - idle for config in outputs}
+
+
 def row(name: str, rate: float, late_ms: list[float], sent: int) -> str:
     late_ms.sort()
     return (f"| {name}, {rate:g} frames/s | {sent} | {len(late_ms)} | {statistics.median(late_ms):.2f} | "
@@ -207,6 +255,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="closed-loop rows of each, alternated")
+    parser.add_argument("--per-output", type=int, default=300, metavar="MESSAGES",
+                        help="messages each output sends alone, per round, to tell what each kind costs (0: skip)")
     args = parser.parse_args()
     images = frames()
     with tempfile.TemporaryDirectory() as tmp:
@@ -290,6 +340,14 @@ def main() -> None:
             print(f"the peers' CPU per inspection with all four on (median of {args.rounds}): "
                   f"{statistics.median(peers_ms):.1f} ms (Mosquitto, the paho subscriber, pymodbus's and asyncua's "
                   "servers, the TCP listener)")
+            if args.per_output:
+                alone: dict[str, list[float]] = {}
+                for _ in range(args.rounds):
+                    for kind, cost in per_output_cpu_ms(outputs, args.per_output).items():
+                        alone.setdefault(kind, []).append(cost)
+                print(f"each output alone, event loop CPU per message (median of {args.rounds} x "
+                      f"{args.per_output} messages): " + ", ".join(
+                          f"{kind} {statistics.median(costs):.2f} ms" for kind, costs in alone.items()))
             print(f"load average after: {os.getloadavg()[0]:.1f}")
         finally:
             for started in (on, off):

@@ -189,6 +189,7 @@ class _State:
     sent: int = 0
     dropped: int = 0
     failed: int = 0
+    reported: int = 0  # the queue depth last given to the metrics
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -233,6 +234,8 @@ class Output(Generic[SettingsT]):
 
     def start(self) -> None:
         self.state.wake = asyncio.Event()
+        if self.metrics is not None:
+            self.metrics.output_queue(self.name, 0)  # the series exists from the start
         self.state.task = asyncio.create_task(self._deliver(), name=f"output {self.name}")
 
     def offer(self, message: Message) -> None:
@@ -246,8 +249,8 @@ class Output(Generic[SettingsT]):
             return
         state.pending.append(message)
         state.wake.set()
-        if self.metrics is not None:
-            self.metrics.output_queue(self.name, state.waiting)
+        if state.holding:  # it waits behind the one being sent; an idle output sends it at once: no gauge change
+            self._report_queue()
 
     def delivered(self, pending: deque[Message], count: int = 1) -> None:
         """The peer has the first `count` messages of `pending`: count them sent and take them off."""
@@ -255,8 +258,8 @@ class Output(Generic[SettingsT]):
             pending.popleft()
             self._count("sent")
         self.state.sent += count
-        if pending and self.metrics is not None:  # a backlog draining (an empty queue is reported when idle)
-            self.metrics.output_queue(self.name, self.state.waiting)
+        if self.state.reported:  # a backlog draining
+            self._report_queue()
 
     async def stop(self, flush_s: float = 2.0) -> None:
         """Send what is queued for up to ``flush_s``, then stop and close."""
@@ -268,6 +271,13 @@ class Output(Generic[SettingsT]):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await self.close()
+
+    def _report_queue(self) -> None:
+        # Only changes: with one message at a time (the usual line) the gauge stays at 0 and costs nothing.
+        waiting = self.state.waiting
+        if self.metrics is not None and waiting != self.state.reported:
+            self.metrics.output_queue(self.name, waiting)
+        self.state.reported = waiting
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
@@ -281,8 +291,8 @@ class Output(Generic[SettingsT]):
         while True:
             if not pending:
                 state.holding = False
-                if self.metrics is not None:
-                    self.metrics.output_queue(self.name, 0)
+                if state.reported:
+                    self._report_queue()
                 wake.clear()
                 await wake.wait()
                 continue
