@@ -159,10 +159,10 @@ class ModelNode(Node[SettingsT]):
     spec_kind: ClassVar[type[ModelSpec]] = ModelSpec
     tasks: ClassVar[tuple[str, ...] | None] = None  # default: every task of spec_kind
     min_side: ClassVar[int] = 2  # smallest image side the node takes
-    # Shrink frames by area here instead of linearly in the graph: for models this appliance trains (anomaly,
-    # segmentation), whose trainers shrink by area, and whose fine textures a linear resize aliases. A fast
-    # anomaly model scored the demo's fresh good tiles 0.48-1.28 times its training-side score (median 0.85) when
-    # the graph resized them; its threshold is calibrated on training-side scores.
+    # Shrink frames by area here (`shrink`), with the model compiled at its own size (no resize in the graph):
+    # for models this appliance trains (anomaly, segmentation), whose trainers shrink by area, and whose fine
+    # textures a linear resize aliases. A fast anomaly model scored the demo's fresh good tiles 0.48-1.28 times its
+    # training-side score (median 0.85) when the graph resized them; its threshold is calibrated on those.
     shrinks_by_area: ClassVar[bool] = False
     slot: ModelSlot  # set by prepare()
 
@@ -182,9 +182,10 @@ class ModelNode(Node[SettingsT]):
         self.slot = self.model_slot(self.settings.model)
 
     def model_slot(self, name: str, input_shape: InputShape | None = None) -> ModelSlot:
-        """The slot of model ``name`` on this node's device, loaded."""
+        """The slot of model ``name`` on this node's device, loaded (at its own size only where the node
+        shrinks frames itself)."""
         assert self.env.runtime is not None
-        slot = self.env.runtime.slot(name, self.settings.device, input_shape)
+        slot = self.env.runtime.slot(name, self.settings.device, input_shape, own_size=self.shrinks_by_area)
         if slot.current is None:
             slot.load()
         return slot
@@ -198,7 +199,7 @@ class ModelNode(Node[SettingsT]):
     def fit(self, image: np.ndarray, loaded: CompiledModel, fit: Fit = "stretch") -> ModelInput:
         """The node's image as ``loaded`` takes it (checked: grey or BGR, not too small)."""
         bgr_or_grey(image, self.min_side, loaded.name)
-        return fit_image(image, loaded.input_size, fit, loaded.input.any_size and not self.shrinks_by_area)
+        return fit_image(image, loaded.input_size, fit, loaded.input.any_size)
 
     def record(self, ctx: Context, *models: CompiledModel) -> None:
         """Which model versions answered, on which device (`models` of the answer)."""

@@ -164,7 +164,8 @@ class OpenVinoModel(CompiledModel):
                              f"dimensions, which {options.device} (static_shapes in the profile) cannot run")
         # A resize in the graph needs a dynamic height and width: not on static-shape devices, and not where the
         # node asked for its own (dynamic) sizes.
-        resize_in_graph = not options.static_shapes and (input_shape is None or -1 not in input_shape)
+        resize_in_graph = options.resize_in_graph and not options.static_shapes \
+            and (input_shape is None or -1 not in input_shape)
         self.segment_outputs: SegmentOutputs | None = None
         try:
             network = core().read_model(str(network_file(version_dir)))

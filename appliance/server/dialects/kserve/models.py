@@ -130,7 +130,8 @@ class ServedModels:
     def _load(runtime: Runtime, slot: ModelSlot, version: str) -> CompiledModel:
         # The flow's slot options: the same device and input shape as the running version.
         device = None if slot.options == runtime.options else slot.options.device
-        pinned = runtime.pinned(version).slot(slot.name, device, slot.input_shape)
+        pinned = runtime.pinned(version).slot(slot.name, device, slot.input_shape,
+                                              own_size=not slot.options.resize_in_graph)
         try:
             loaded = pinned.load()
         except StoreError as error:
