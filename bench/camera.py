@@ -3,14 +3,21 @@ genicam source and inspected by the demo's anomaly flow (projects/demo's model `
 sent to a TCP peer on loopback; and the same with a flow that costs nothing (evaluate@1), for the acquisition alone.
 
 For a fixed count of frames (300: 10 s at 30 frames/s) each row reports what the source acquired, what was inspected,
-dropped (the pipeline busy: the source's `in_flight` frames all being inspected), lost at the host (incomplete
-frames, frames that found all of Aravis's buffers taken), the frame rate the camera kept, and the latency from
+dropped (the pipeline behind: the source's `in_flight` frames all being inspected and `backlog` newer frames waiting
+in the camera's buffers behind the oldest), lost at the host (incomplete frames, frames that found all of Aravis's
+buffers taken), the frame rate the camera kept, and the latency from
 acquisition to the verdict at the peer: from the moment this PC had the whole frame (`timestamp`), and from the
 camera's own stamp (the fake camera stamps a frame with this PC's clock when it starts drawing it, so that column
 adds the drawing and the 2 MB transfer over the loopback), and the CPU the appliance and the camera used. Camera,
 appliance and peer share the 2 cores.
 
-    .venv/bin/python bench/camera.py [--frames 300] [--rate 30] [--width 1920] [--height 1080]
+`--project` takes the anomaly flow and models of another project than projects/demo (e.g. a copy with a `fast`
+model: `appliance train anomaly --good projects/demo/images/good --mode fast --out /tmp/demo/models/parts`, beside
+a copy of projects/demo/project.yaml whose `flow` points at flows/demo.yaml); `--backlog` and `--buffers` are the
+genicam source's settings of those names (docs/sources.md).
+
+    .venv/bin/python bench/camera.py [--frames 300] [--rate 30] [--width 1920] [--height 1080] [--project DIR]
+                                     [--in-flight 2] [--backlog 3] [--buffers 10]
 """
 
 from __future__ import annotations
@@ -59,20 +66,29 @@ class VerdictListener:
         self.listener.close()
 
 
-FLOWS = {
-    # The acquisition alone: a flow that inspects nothing (no rectangle, so OK).
-    "acquisition only (evaluate@1)": {"nodes": {"verdict": {"type": "evaluate@1",
-                                                            "rules": [{"rule": "no_rectangles"}]}}},
-    "demo anomaly (anomaly@1 + evaluate@1)": str(REPO / "flows" / "demo.yaml"),
-}
+# The acquisition alone: a flow that inspects nothing (no rectangle, so OK).
+ACQUISITION_ONLY = {"nodes": {"verdict": {"type": "evaluate@1", "rules": [{"rule": "no_rectangles"}]}}}
+FLOW_NAMES = ("acquisition only (evaluate@1)", "demo anomaly (anomaly@1 + evaluate@1)")
+
+
+def demo_flow_and_models(folder: Path) -> tuple[str, str]:
+    """The flow file and models folder of the project in ``folder`` (projects/demo, or a copy of it), as absolute
+    paths: the bench writes its own project.yaml elsewhere."""
+    config = yaml.safe_load((folder / "project.yaml").read_text())
+    flow, models = config.get("flow"), config.get("models_dir", "models")
+    if not isinstance(flow, str):
+        raise SystemExit(f"{folder / 'project.yaml'}: the bench needs `flow` as a file name")
+    return str((folder / flow).resolve()), str((folder / models).resolve())
 
 
 def project(folder: Path, args: argparse.Namespace, flow: str | dict, peer_port: int) -> Path:
     folder.mkdir(parents=True)
-    config = {"name": "camera-bench", "flow": flow, "models_dir": str(REPO / "projects" / "demo" / "models"),
+    config = {"name": "camera-bench", "flow": flow, "models_dir": args.models_dir,
               "sources": [{"type": "genicam", "name": "cam", "camera": ADDRESS, "pixel_format": "Mono8",
                            "width": args.width, "height": args.height, "frame_rate": args.rate,
-                           "in_flight": args.in_flight, "packet_size": args.packet_size}],
+                           "in_flight": args.in_flight, "packet_size": args.packet_size,
+                           **{key: value for key, value in (("backlog", args.backlog), ("buffers", args.buffers))
+                              if value is not None}}],
               "outputs": [{"type": "tcp", "host": "127.0.0.1", "port": peer_port, "template": "$verdict;$data"}]}
     (folder / "project.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return folder
@@ -112,12 +128,12 @@ def unwrapped(frame_ids: list[int]) -> list[int]:
     return out
 
 
-def run(args: argparse.Namespace, folder: Path, name: str) -> str:
-    """One run of `args.frames` frames through the flow `name`: its table row, and a line on the CPU used."""
+def run(args: argparse.Namespace, folder: Path, name: str, flow: str | dict) -> str:
+    """One run of `args.frames` frames through ``flow``: its table row, and a line on the CPU used."""
     camera = FakeCamera()
     camera.start()
     peer = VerdictListener()
-    server = start_server(project(folder, args, FLOWS[name], peer.port), log_level="WARNING")
+    server = start_server(project(folder, args, flow, peer.port), log_level="WARNING")
     assert camera.process is not None
     try:
         started = time.monotonic()
@@ -160,19 +176,27 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1920)
     parser.add_argument("--height", type=int, default=1080)
     parser.add_argument("--in-flight", type=int, default=2)
+    parser.add_argument("--backlog", type=int, help="the genicam source's `backlog` (default: its default)")
+    parser.add_argument("--buffers", type=int, help="the genicam source's `buffers` (default: its default)")
     # The loopback's MTU is 64 KiB: jumbo-sized packets, as a camera network with jumbo frames has them.
     parser.add_argument("--packet-size", type=int, default=8192)
+    parser.add_argument("--project", type=Path, default=REPO / "projects" / "demo",
+                        help="the project whose flow and models the anomaly row runs (default: projects/demo)")
     args = parser.parse_args()
-    if not (REPO / "projects" / "demo" / "models" / "parts" / "current").is_file():
-        raise SystemExit("projects/demo has no model `parts`: run `make demo` first")
+    demo_flow, args.models_dir = demo_flow_and_models(args.project)
+    if not (Path(args.models_dir) / "parts" / "current").is_file():
+        raise SystemExit(f"{args.models_dir} has no model `parts`: run `make demo` first (or train one there)")
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [run(args, Path(tmp) / str(index), name) for index, name in enumerate(FLOWS)]
+        rows = [run(args, Path(tmp) / str(index), name, flow)
+                for index, (name, flow) in enumerate(zip(FLOW_NAMES, (ACQUISITION_ONLY, demo_flow), strict=True))]
+    model_version = (Path(args.models_dir) / "parts" / "current").read_text().strip()
     print(f"fake GigE Vision camera {args.width}x{args.height} Mono8 at {args.rate:g} frames/s asked, {args.frames} "
-          f"frames per row, packets of {args.packet_size} bytes, in_flight {args.in_flight}; load average before "
-          f"{load_before:.1f} on {os.cpu_count()} cores")
+          f"frames per row, packets of {args.packet_size} bytes, in_flight {args.in_flight}, backlog "
+          f"{'default' if args.backlog is None else args.backlog}; model {args.models_dir}/parts version "
+          f"{model_version}; load average before {load_before:.1f} on {os.cpu_count()} cores")
     print()
-    print("| flow | frames/s kept | acquired | inspected | dropped (busy) | incomplete | underruns | "
+    print("| flow | frames/s kept | acquired | inspected | dropped (behind) | incomplete | underruns | "
           "p50 ms from host | p99 ms from host | p50 ms from camera | p99 ms from camera | appliance CPU % | "
           "appliance CPU ms per frame | camera CPU % |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

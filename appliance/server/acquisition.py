@@ -67,6 +67,7 @@ class Acquisition:
         if frame.image is None or self.state.draining or self.busy[source.name] >= source.settings.in_flight:
             source.dropped += 1
             source.count("dropped")
+            source.room_freed()
             return
         self.busy[source.name] += 1
         task = asyncio.create_task(self._inspect(source, frame))
@@ -106,6 +107,7 @@ class Acquisition:
             if not offered.done():
                 offered.set_result(None)
             self.busy[source.name] -= 1
+            source.room_freed()
             source.done(frame, verdicts[0] if verdicts else None)
 
 

@@ -4,9 +4,12 @@ A source reads frames in a thread of its own (cameras and files block) and hands
 inspects it through the same queue and workers as an HTTP request (`core.inspect`) and offers the result to the
 outputs. A frame that arrives while `in_flight` of this source's frames are still being inspected (or on their way
 to the event loop) is dropped and counted: the line's rate is the camera's, never a queue that grows; a kind asks
-`has_room()` first, so that such a frame is not even copied out of the camera or decoded. A source that fails (a
-camera unplugged, a stream gone) is opened again after a backoff, and reported on /health and in the metrics
-meanwhile.
+`has_room()` first, so that such a frame is not even copied out of the camera or decoded. A kind whose frames can
+wait where they are waits for room instead (`wait_for_room`): a camera's frames in its own buffers, bounded
+(genicam: while fewer than `backlog` newer frames wait behind them), a folder's files on the disk; so a frame is
+dropped only when the inspection is really behind, not because a result was on its way back to the event loop
+when the next frame came. A source that fails (a camera unplugged, a stream gone) is opened again after a
+backoff, and reported on /health and in the metrics meanwhile.
 """
 
 from __future__ import annotations
@@ -88,6 +91,9 @@ class Source(Generic[SettingsT]):
         # counts those handed to it: their difference is what waits in the loop's queue, without a lock.
         self.reached_loop = 0
         self._busy: Callable[[], int] = lambda: 0
+        # Set on the event loop whenever room may have appeared (a frame of this source left the pipeline or was
+        # taken by the loop); the source's thread waits on it in `wait_for_room`.
+        self._room = threading.Event()
 
     # --- what a kind implements ---------------------------------------------------------------------------
 
@@ -126,6 +132,7 @@ class Source(Generic[SettingsT]):
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
+        self._room.set()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -135,6 +142,25 @@ class Source(Generic[SettingsT]):
         part of reading a frame; a frame without room is yielded with no image. Only a hint: the event loop
         decides again when the frame reaches it."""
         return self.acquired - self.reached_loop + self._busy() < self.settings.in_flight
+
+    def wait_for_room(self, timeout: float) -> bool:
+        """Wait in the source's thread, at most ``timeout`` seconds, until `has_room()`; False when there is still
+        none (or the source is stopping). A kind that can keep a frame waiting where it is calls this in a loop
+        with its own bound."""
+        deadline = time.monotonic() + timeout
+        while not self.has_room():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stop.is_set():
+                return False
+            self._room.clear()
+            if self.has_room():  # room came between the check and the clear: its signal was cleared with it
+                return True
+            self._room.wait(remaining)
+        return True
+
+    def room_freed(self) -> None:
+        """On the event loop: one of this source's frames left the pipeline (or was dropped there)."""
+        self._room.set()
 
     def count(self, outcome: str) -> None:
         if self.metrics is not None:

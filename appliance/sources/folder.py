@@ -1,4 +1,5 @@
-"""folder: a watched folder; each new image file is inspected once, then optionally moved to ok/ or ng/."""
+"""folder: a watched folder; each new image file is inspected once, then optionally moved to ok/ or ng/. Files wait
+on the disk while the pipeline is busy: none is dropped."""
 
 from __future__ import annotations
 
@@ -47,17 +48,22 @@ class FolderSource(Source[FolderSettings]):
         while not self.stopping:
             if not self.folder.is_dir():
                 raise FileNotFoundError(f"folder {self.folder} is gone")
-            now = time.monotonic()
             for entry in sorted(os.scandir(self.folder), key=lambda e: e.name):
                 if not entry.is_file() or not entry.name.lower().endswith(IMAGE_SUFFIXES) or entry.name in self._seen:
                     continue
                 size = entry.stat().st_size
+                now = time.monotonic()  # per file: waiting for room may have taken a while
                 first = sizes.get(entry.name)
                 if first is None or first[0] != size:
                     sizes[entry.name] = (size, now)
                     continue
                 if now - first[1] < self.settings.settle_s:
                     continue
+                # The file waits on the disk until the pipeline has room: a batch of files copied in at once is
+                # inspected file by file, none dropped.
+                while not self.wait_for_room(self.settings.poll_s):
+                    if self.stopping:
+                        return
                 self._seen.add(entry.name)
                 sizes.pop(entry.name, None)
                 image = cv2.imread(entry.path, cv2.IMREAD_COLOR)

@@ -37,6 +37,9 @@ SYSTEM_SITE_DIRS = ("/usr/lib/python3/dist-packages",
                     f"/usr/lib/python3.{sys.version_info[1]}/site-packages")
 # How long one pop waits: the longest a stop or a lost camera goes unnoticed while no frame comes.
 POP_WAIT_US = 200_000
+# While a frame waits for room: how often the frames queued behind it are counted (room itself wakes the wait at
+# once). Only while the inspection is behind; a sixth of a frame period at 30 frames/s.
+BACKLOG_POLL_S = 0.005
 
 _aravis: ModuleType | None = None
 _aravis_lock = threading.Lock()
@@ -117,8 +120,14 @@ class GenicamSettings(SourceSettings):
                                      "the camera (clamped to what it can); default: the camera's")
     trigger_line: str = Field("Line0", pattern=r"^[A-Za-z0-9_]+$", description="trigger: line: the camera's "
                               "trigger input, one of its TriggerSource entries (Line0, Line1...)")
-    buffers: int = Field(8, ge=2, le=256, description="frame buffers queued in Aravis's stream; a frame that "
+    # 10: the waiting frame and the `backlog` behind it hold 4 at most, which leaves Aravis 6 to receive into
+    # while the source's thread waits for the CPU (8 left 4, and a loaded 2-core PC lost frames as underruns).
+    buffers: int = Field(10, ge=2, le=256, description="frame buffers queued in Aravis's stream; a frame that "
                          "arrives when all are taken is lost at the host (counted as `underruns`)")
+    backlog: int = Field(3, ge=0, le=254, description="while the source's `in_flight` frames are all being "
+                         "inspected, the next frame waits in the camera's buffer until one is done, and is dropped "
+                         "only when this many newer frames wait behind it (0: dropped at once); at most `buffers` "
+                         "- 2, and so many frame periods of latency more when the inspection falls behind")
     packet_size: int | None = Field(None, ge=576, le=16384, description="GigE Vision: bytes per stream packet; "
                                     "8192 or 9000 with jumbo frames on the camera's network, for a fraction of the "
                                     "packets (and of the CPU both ends spend on them); default: Aravis's choice")
@@ -132,6 +141,9 @@ class GenicamSettings(SourceSettings):
                              "takes a frame per trigger")
         if self.trigger != "line" and "trigger_line" in self.model_fields_set:
             raise ValueError(f"trigger_line is for `trigger: line`, not `trigger: {self.trigger}`")
+        if self.backlog > self.buffers - 2:
+            # The frame that waits and those behind it hold buffers; Aravis needs one more to receive into.
+            raise ValueError(f"backlog {self.backlog} needs at least {self.backlog + 2} buffers, got {self.buffers}")
         if (self.width is None) != (self.height is None):
             raise ValueError("give both width and height (the region read from the sensor), or neither")
         if self.width is None and (self.offset_x or self.offset_y):
@@ -298,16 +310,16 @@ class GenicamSource(Source[GenicamSettings]):
                     raise CameraError(f"camera {self.camera_name}: no frame in {silence_s:g} s")
                 continue
             try:
-                frame = self._frame(Aravis, buffer)
+                frame = self._frame(Aravis, buffer, stream)
             finally:
                 stream.push_buffer(buffer)
             if frame is not None:
                 last_frame = time.monotonic()
                 yield frame
 
-    def _frame(self, Aravis: ModuleType, buffer: Any) -> Acquired | None:
+    def _frame(self, Aravis: ModuleType, buffer: Any, stream: Any) -> Acquired | None:
         """The buffer's pixels as a BGR or gray image (copied: the buffer goes back to the stream at once), or no
-        image when the pipeline has no room for the frame (it would be dropped: not worth a copy)."""
+        image when the pipeline has no room for the frame within the backlog (it is dropped: not worth a copy)."""
         status = buffer.get_status()
         frame_id = buffer.get_frame_id()
         if status != Aravis.BufferStatus.SUCCESS:
@@ -316,7 +328,7 @@ class GenicamSource(Source[GenicamSettings]):
         # timestamp: the host's clock when the frame was complete (comparable with every other time here); the
         # camera's own clock counts from its power-up unless it is synchronised (PTP).
         timestamp, camera_ns = buffer.get_system_timestamp() / 1e9, buffer.get_timestamp()
-        if not self.has_room():
+        if not self._room_within_backlog(stream):
             return Acquired(None, str(frame_id), timestamp, extra={"camera_timestamp_ns": camera_ns})
         width, height = buffer.get_image_width(), buffer.get_image_height()
         # PyGObject returns the buffer's bytes as a copy of their own (0.34 ms for 1080p Mono8).
@@ -342,6 +354,15 @@ class GenicamSource(Source[GenicamSettings]):
         else:
             image = cv2.cvtColor(pixels.reshape(height, width, 3), cv2.COLOR_RGB2BGR)
         return Acquired(image, str(frame_id), timestamp, extra={"camera_timestamp_ns": camera_ns})
+
+    def _room_within_backlog(self, stream: Any) -> bool:
+        """Whether the popped frame gets inspected: at once when the pipeline has room; else once it has, as long
+        as fewer than `backlog` newer frames wait behind it in the stream (then it is the one dropped: the
+        newer frames are inspected, and a camera's latency stays bounded when the inspection falls behind)."""
+        while not self.wait_for_room(BACKLOG_POLL_S if self.settings.backlog else 0):
+            if self.stopping or self._lost.is_set() or stream.get_n_buffers()[1] >= self.settings.backlog:
+                return False
+        return True
 
     def _incomplete(self, frame_id: int, reason: str) -> None:
         """A frame that arrived with packets missing (or short): counted as failed, the camera stays open."""

@@ -256,6 +256,68 @@ def test_colour_frames_reach_the_flow_as_bgr_in_the_cameras_colours(tmp_path, ca
         np.testing.assert_array_equal(image[inside][0::2, 1::2, 1], colours[inside][0::2, 1::2, 1])
 
 
+# Sleeps on the frames whose camera frame id is a multiple of `every` (all with every 1), passes every frame.
+SLEEP_ON_SOME_FRAMES = """
+import json
+import time
+def main(context, form):
+    if int(json.loads(context['data'])['frame_id']) % form['every'] == 0:
+        time.sleep(form['seconds'])
+    context['result'] = True
+"""
+
+
+def sleepy_camera_project(folder: Path, peer: Peer, seconds: float, every: int, **camera: object) -> Path:
+    flow = {"nodes": {"sleep": {"type": "code@1", "module": "sleepy", "form": {"seconds": seconds, "every": every}}}}
+    source = {"type": "genicam", "name": "cam", "camera": ADDRESS, "width": 64, "height": 48, "frame_rate": 20,
+              "in_flight": 1, **camera}
+    return write_project(folder, flow, hooks={"sleepy": SLEEP_ON_SOME_FRAMES}, sources=[source],
+                         outputs=[{"type": "tcp", "host": "127.0.0.1", "port": peer.port, "template": "$data"}])
+
+
+@needs_camera
+@pytest.mark.parametrize("backlog", [4, 0])
+def test_frames_that_come_while_the_inspection_is_busy_wait_in_the_cameras_buffers_within_the_backlog(
+        tmp_path, camera, peer, backlog):
+    # Every tenth frame takes 150 ms, three frame periods at 20 frames/s, then the flow catches up. With a backlog,
+    # the frames that come meanwhile wait in Aravis's buffers and are all inspected, in order; with none, they are
+    # dropped as they come.
+    server = start_server(sleepy_camera_project(tmp_path / "p", peer, seconds=0.15, every=10, backlog=backlog))
+    try:
+        state = wait_for_health(server, lambda state: state["acquired"] >= 30)
+        lines = peer.wait_for(state["acquired"] - state["dropped"] - 1)
+    finally:
+        server.stop()
+    frame_ids = [int(json.loads(line)["frame_id"]) for line in lines]
+    assert state["acquired"] >= 30 and (state["underruns"], state["incomplete"]) == (0, 0)
+    if backlog:
+        assert state["dropped"] == 0
+        assert frame_ids == list(range(frame_ids[0], frame_ids[0] + len(frame_ids)))
+    else:
+        # Two frames come during each slow one: dropped, and missing at the peer.
+        assert state["dropped"] >= 4
+        assert frame_ids == sorted(frame_ids) and frame_ids[-1] - frame_ids[0] >= len(frame_ids) + 3
+
+
+@needs_camera
+def test_a_camera_faster_than_the_inspection_drops_the_oldest_frames_and_never_runs_out_of_buffers(
+        tmp_path, camera, peer):
+    # Each frame takes 200 ms at 20 frames/s: three frames in four cannot be inspected. Two wait behind the oldest
+    # (backlog 2) in the four buffers, so Aravis always has one to receive into: the frames dropped are counted as
+    # dropped, none is lost at this PC for want of a buffer.
+    server = start_server(sleepy_camera_project(tmp_path / "p", peer, seconds=0.2, every=1, backlog=2, buffers=4))
+    try:
+        state = wait_for_health(server, lambda state: state["acquired"] >= 40, seconds=30)
+        inspected = len(peer.wait_for(state["acquired"] - state["dropped"] - 1))
+        state = health(server)
+    finally:
+        server.stop()
+    assert state["acquired"] >= 40 and state["underruns"] == 0
+    assert state["dropped"] >= state["acquired"] // 2
+    # Every frame acquired is inspected (its line at the peer) or dropped; one may still be in the flow.
+    assert 0 <= state["acquired"] - state["dropped"] - inspected <= 1
+
+
 @needs_camera
 def test_exposure_gain_and_packet_size_are_written_to_the_camera_and_read_back(tmp_path, camera):
     # The fake camera's gain is a whole number (GainRaw): it keeps 2 of the 2.6 asked.
@@ -433,6 +495,7 @@ def test_settings_that_contradict_each_other_are_located(tmp_path):
         {"type": "genicam", "camera": ADDRESS, "pixel_format": "Mono16"},
         {"type": "genicam", "camera": ADDRESS, "trigger": "software", "frame_rate": 10},
         {"type": "genicam", "camera": ADDRESS, "pixel_format": "BayerRG8", "width": 63, "height": 48},
+        {"type": "genicam", "camera": ADDRESS, "buffers": 4},
     ])
     result = subprocess.run([sys.executable, "-m", "appliance", "check", str(project)], capture_output=True,
                             text=True, timeout=60, cwd=REPO)
@@ -443,4 +506,5 @@ def test_settings_that_contradict_each_other_are_located(tmp_path):
         "sources[1]: frame_rate is for `trigger: free-run`; with `trigger: software` the camera takes a frame per "
         "trigger",
         "sources[2]: BayerRG8 needs an even width and height (whole 2x2 cells), got 63x48",
+        "sources[3]: backlog 3 needs at least 5 buffers, got 4",
     ]

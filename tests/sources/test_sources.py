@@ -72,6 +72,37 @@ def test_a_watched_folder_inspects_each_new_file_once_and_sorts_it(tmp_path):
         peer.stop()
 
 
+def test_a_batch_of_files_copied_in_at_once_waits_on_the_disk_and_none_is_dropped(tmp_path):
+    """Eight files arrive in one scan while one inspection at a time takes 50 ms: each waits for the one before it
+    (files wait on the disk, not in memory) instead of being dropped and never looked at again."""
+    peer = Peer(free_port())
+    peer.start()
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    names = [f"part_{index}_{'bright' if index % 2 else 'dark'}.png" for index in range(8)]
+    for index, name in enumerate(names):
+        cv2.imwrite(str(incoming / name), np.full((40, 60, 3), 220 if index % 2 else 20, np.uint8))
+    project = write_project(tmp_path / "p", flow(sleep=0.05), hooks={"brightness": BRIGHTNESS},
+                            outputs=[tcp_output(peer)],
+                            sources=[{"type": "folder", "name": "inbox", "path": str(incoming), "move_to": "done",
+                                      "poll_s": 0.05, "settle_s": 0.05, "in_flight": 1}])
+    server = start_server(project)
+    try:
+        lines = peer.wait_for(8)
+        deadline = time.monotonic() + 10
+        while len(list((incoming / "done").glob("*/*.png"))) < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = requests.get(f"{server.url}/health", timeout=10).json()["sources"]["inbox"]
+    finally:
+        server.stop()
+        peer.stop()
+    assert (health["acquired"], health["dropped"], health["failed"]) == (8, 0, 0)
+    assert [json.loads(data)["frame_id"] for _, _, data in (line.split(";", 2) for line in lines)] == names
+    assert [verdict for _, verdict, _ in (line.split(";", 2) for line in lines)] == ["NG", "OK"] * 4
+    assert sorted(path.name for path in (incoming / "done" / "ok").iterdir()) == names[1::2]
+    assert sorted(path.name for path in (incoming / "done" / "ng").iterdir()) == names[0::2]
+
+
 def test_a_video_faster_than_the_flow_drops_frames_and_counts_them(tmp_path):
     peer = Peer(free_port())
     peer.start()
