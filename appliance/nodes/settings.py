@@ -205,7 +205,8 @@ class AnomalySettings(ModelNodeSettings):
     threshold: PositiveFloat | None = Field(None, description="image score at or above which the part is anomalous "
                                             "(`score_below` in evaluate@1 uses it); null: the model's")
     pixel_threshold: PositiveFloat | None = Field(None, description="map value above which a pixel belongs to a "
-                                                  "region; null: the model's, else `threshold`")
+                                                  "region; a region is reported when it reaches `threshold` "
+                                                  "somewhere; null: the model's, else `threshold`")
     min_area: NonNegativeInt = Field(16, description="smallest region reported, in pixels of the node's image")
     label: str = Field("anomaly", description="of the rectangles")
     color: str = Field("#ff0000", pattern=COLOR_PATTERN, description="of the rectangles")
