@@ -71,16 +71,18 @@ def backbone_path() -> Path:
 @pytest.fixture(scope="session")
 def demo_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """projects/demo's frames and its anomaly model `parts` version 1, trained once for the session from the 12
-    good frames; copied by each test module that serves it (the console writes into the project's folder)."""
-    from appliance.training.anomaly import load_images, train_anomaly
+    good frames as `make demo` trains it (`fast`); copied by each test module that serves it (the console writes
+    into the project's folder)."""
+    from appliance.training.anomaly import load_images
     from appliance.training.demo_parts import write_demo_images
     from appliance.training.export import save_anomaly_model
+    from appliance.training.modes import train_by_mode
 
     folder = tmp_path_factory.mktemp("console-demo") / "demo"
     images = folder / "images"
     write_demo_images(images, 12, 6, seed=0)
     good, _ = load_images(images / "good")
-    save_anomaly_model(train_anomaly(good, backbone_path()), folder / "models" / "parts")
+    save_anomaly_model(train_by_mode(good, backbone_path(), mode="fast"), folder / "models" / "parts")
     config = yaml.safe_load((REPO / "projects" / "demo" / "project.yaml").read_text())
     config["flow"] = str(REPO / "flows" / "demo.yaml")
     (folder / "project.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
