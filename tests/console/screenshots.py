@@ -29,13 +29,14 @@ VIEWPORT = {"width": 1440, "height": 900}
 
 
 def prepare(folder: Path) -> Path:
-    from appliance.training.anomaly import default_backbone, load_images, train_anomaly
+    from appliance.training.anomaly import default_backbone, load_images
     from appliance.training.demo_parts import write_demo_images
     from appliance.training.export import save_anomaly_model
+    from appliance.training.modes import train_by_mode
 
     write_demo_images(folder / "images", 12, 6, seed=0)
     good, _ = load_images(folder / "images" / "good")
-    save_anomaly_model(train_anomaly(good, default_backbone()), folder / "models" / "parts")
+    save_anomaly_model(train_by_mode(good, default_backbone(), mode="fast"), folder / "models" / "parts")
     config = yaml.safe_load((REPO / "projects" / "demo" / "project.yaml").read_text())
     config["flow"] = str(REPO / "flows" / "demo.yaml")
     (folder / "project.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
