@@ -69,8 +69,8 @@ MODES = {
 # took here (for the bar).
 STAGES = {
     "bank": (("features", 0.40), ("bank", 0.44), ("threshold", 0.12), ("save", 0.01), ("scores", 0.03)),
-    "discriminator": (("features", 0.42), ("discriminator", 0.28), ("threshold", 0.10), ("save", 0.01),
-                      ("scores", 0.19)),
+    "discriminator": (("features", 0.42), ("discriminator", 0.40), ("threshold", 0.10), ("save", 0.01),
+                      ("scores", 0.07)),
 }
 
 THUMBNAIL_SIDE = 200
@@ -142,30 +142,25 @@ def train_draft(draft: Path, size: int, backbone: Path | None = None, mode: str 
 
 def good_image_scores(trained: TrainedAnomaly, good: list[np.ndarray], mode: str) -> dict[str, Any]:
     """Every good image's score and whether the model learnt from it, the scores the calibrated threshold was
-    fitted on, and a sentence saying which those are.
+    fitted on (the trainer's own, `calibration_scores`), and a sentence saying which those are.
 
     The bank's leave-one-out scores (at most LEAVE_OUT_IMAGES images) are each image scored without its own
     entries: unseen. The discriminator's held-out images are unseen, and its threshold is fitted on them in their
-    8 rotations x flips, scored here by the trained graph, as the line will score them (the trainer's own fit used
-    the graph's numpy twin: equal within 1e-3); with fewer than 6 images it held none out and fitted on its training
-    images. The other images are scored by the graph as they are, and are "trained on".
+    8 rotations x flips; with fewer than 6 images it held none out and fitted on its training images. The other
+    images are scored here by the trained graph as they are, and are "trained on".
     """
     from appliance.training import anomaly as training
-    from appliance.training.bank import augmentations
-    from appliance.training.images import prepare_image
 
     request = training.compile_anomaly_model(trained.model).create_infer_request()
     known: dict[int, float] = trained.leave_out_scores
     held_out = mode == "bank" or trained.metrics.get("calibration_images", 0) > 0
     scores = [(known[index], held_out) if index in known else (training.predict(request, image)[0], False)
               for index, image in enumerate(good)]
+    fitted = trained.calibration_scores
     if mode == "bank":
-        fitted = [known[index] for index in sorted(known)]
         sentence = (f"{len(fitted)} good images, each scored by the bank without its own patches (leave-one-out)"
                     + (f"; the other {len(good) - len(fitted)} are in the bank" if len(fitted) < len(good) else ""))
     else:
-        fitted = [training.predict(request, view)[0] for index in sorted(known)
-                  for view in augmentations(prepare_image(good[index], trained.size))]
         sentence = (f"{len(known)} good images held out of training, each in its 8 rotations x flips "
                     f"({len(fitted)} scores); the other {len(good) - len(known)} trained the model" if held_out else
                     f"the {len(known)} training images in their 8 rotations x flips ({len(fitted)} scores): too few "
@@ -188,16 +183,13 @@ def save_version(draft: Path, result: dict[str, Any], model_dir: Path, threshold
     from appliance.training.export import save_anomaly_model
 
     metrics = dict(result["metrics"])
-    pixel_threshold = float(result["pixel_threshold"])
     if abs(threshold - float(result["threshold"])) > 1e-9:
         metrics["threshold_rule"] = f"chosen in the console by session {who}"
         metrics["calibrated_threshold"] = float(result["threshold"])
-        if pixel_threshold >= float(result["threshold"]):
-            # Regions were cut at the image threshold (the bank's good-only rule): they follow it.
-            pixel_threshold = threshold
-        # else a cut of its own (the discriminator's, from good pixels): it stays, at most the threshold.
+    pixel_threshold = training.moved_pixel_threshold(float(result["pixel_threshold"]), float(result["threshold"]),
+                                                     threshold)
     model = core().read_model(str(draft / "trained" / "model.xml"))
-    trained = training.TrainedAnomaly(model, threshold, min(pixel_threshold, threshold), metrics, int(result["size"]),
+    trained = training.TrainedAnomaly(model, threshold, pixel_threshold, metrics, int(result["size"]),
                                       int(result["images"]), str(result["backbone"]))
     source = {"console": who, "good_images": [entry["name"] for entry in result["scores"]["good"]],
               "bad_images": [entry["name"] for entry in result["scores"]["bad"]]}

@@ -96,6 +96,9 @@ class TrainedAnomaly:
     leave_out_scores: dict[int, float] = field(default_factory=dict)
     # The score of each validation image, in the order given: {"good": [...], "bad": [...]}.
     validation_scores: dict[str, list[float]] = field(default_factory=dict)
+    # The good scores the good-only threshold was fitted on (the bank's leave-one-out scores, the discriminator's
+    # held-out views): validation's stand-in for good images when it has none, and the console's histogram.
+    calibration_scores: list[float] = field(default_factory=list)
 
 
 # The stages train_anomaly reports to its `progress` callback as each starts.
@@ -170,37 +173,48 @@ def train_anomaly(good: list[np.ndarray], backbone_xml: Path, *, size: int = 256
         "leave_out_scores": stats(good_scores),
     }
     trained = TrainedAnomaly(model, threshold, pixel_threshold, metrics, size, len(images),
-                             backbone_name(backbone_xml), dict(zip(order, map(float, good_scores), strict=True)))
-    return validated(trained, good_scores, rule, val_good, val_bad, val_bad_masks, report)
+                             backbone_name(backbone_xml), dict(zip(order, map(float, good_scores), strict=True)),
+                             calibration_scores=good_scores.tolist())
+    return validated(trained, rule, val_good, val_bad, val_bad_masks, report)
 
 
-def validated(trained: TrainedAnomaly, good_scores: np.ndarray, rule: str, val_good: list[np.ndarray] | None,
+def validated(trained: TrainedAnomaly, rule: str, val_good: list[np.ndarray] | None,
               val_bad: list[np.ndarray] | None, val_bad_masks: list[np.ndarray] | None,
               report: Callable[[str], None]) -> TrainedAnomaly:
-    """The last step of either trainer: ``trained`` carries its good-only thresholds; the validation images, when
-    given, move them (`validate`); the metrics name the rule that chose them."""
+    """The last step of either trainer: ``trained`` carries its good-only thresholds and the scores they were
+    fitted on; the validation images, when given, move them (`validate`); the metrics name the rule that chose
+    them."""
     metrics = trained.metrics
     if val_good or val_bad:
         report("validation")
         mark = time.perf_counter()
         trained.threshold, trained.pixel_threshold, rule, trained.validation_scores = validate(
-            trained.model, trained.size, good_scores, val_good or [], val_bad or [], val_bad_masks,
-            trained.threshold, rule, metrics)
+            trained.model, trained.size, np.asarray(trained.calibration_scores), val_good or [], val_bad or [],
+            val_bad_masks, trained.threshold, trained.pixel_threshold, rule, metrics)
         metrics["validation_seconds"] = round(time.perf_counter() - mark, 3)
     metrics["threshold_rule"] = rule
     trained.threshold, trained.pixel_threshold = float(trained.threshold), float(trained.pixel_threshold)
     return trained
 
 
+def moved_pixel_threshold(pixel_threshold: float, threshold: float, new_threshold: float) -> float:
+    """The pixel threshold once the image threshold moves from ``threshold`` to ``new_threshold`` (validation, or
+    an operator in the console): one that was the image threshold (the bank's good-only rule) follows it; a cut of
+    its own below it (the discriminator's, from good pixels) stays, at most the new threshold, so that a flagged
+    image shows at least its peak as a region."""
+    return new_threshold if pixel_threshold >= threshold else min(pixel_threshold, new_threshold)
+
+
 def validate(model: ov.Model, size: int, leave_out_scores: np.ndarray, val_good: list[np.ndarray],
-             val_bad: list[np.ndarray], val_bad_masks: list[np.ndarray] | None, threshold: float, rule: str,
-             metrics: dict[str, Any]) -> tuple[float, float, str, dict[str, list[float]]]:
+             val_bad: list[np.ndarray], val_bad_masks: list[np.ndarray] | None, threshold: float,
+             pixel_threshold: float, rule: str, metrics: dict[str, Any]) -> tuple[float, float, str, dict[str, list[float]]]:
     """Score the validation images; (image threshold, pixel threshold, rule) chosen with them and each image's
     score ({"good": [...], "bad": [...]}); AUROC in metrics.
 
     Bad images: the max-Youden-J cut between good and bad scores (the good-only threshold stays when J <= 0:
     sets that do not separate at all say nothing about where to cut). Masks: the F1-best pixel cut.
     """
+    calibrated = threshold
     request = compile_f32(model).create_infer_request()
     good_results = [predict(request, image) for image in val_good]
     bad_results = [predict(request, image) for image in val_bad]
@@ -225,8 +239,7 @@ def validate(model: ov.Model, size: int, leave_out_scores: np.ndarray, val_good:
         # Only good validation images: they join the leave-one-out scores of the good-only rule.
         threshold, _, rule = good_only_thresholds(np.r_[leave_out_scores, good_scores])
         rule += " and validation good scores"
-    # Without masks the pixel threshold follows the image threshold, as in good_only_thresholds.
-    pixel_threshold = threshold
+    pixel_threshold = moved_pixel_threshold(pixel_threshold, calibrated, threshold)
     if val_bad_masks is not None and len(bad_results):
         maps = [m for _, m in good_results] + [m for _, m in bad_results]
         masks = [np.zeros((size, size), bool)] * len(good_results) + [resize_mask(m, size) for m in val_bad_masks]

@@ -692,20 +692,16 @@ def train_discriminator(good: list[np.ndarray], backbone_xml: Path, *, mode: str
         "anomalous_cells": int(len(anomalous_cells)), "calibration_scores": stats(all_view_scores),
         "recipe": recipe_text(recipe),
     }
+    # Validation with masks sets the F1-best cut; without, this cut stays below whatever threshold it chooses.
+    metrics["pixel_threshold_rule"] = (
+        "validation: best pixel F1 on the masks, at most the threshold" if val_bad_masks is not None else
+        f"{1 - REGION_PIXEL_SHARE:.1%} quantile of the map pixels of {len(calibration_views)} "
+        f"{'held-out' if held_out else 'training'} good views")
     trained = TrainedAnomaly(model, threshold, min(region_cut, threshold), metrics, size, len(images),
                              backbone_name(backbone_xml), dict(zip(calibration, map(float, calibration_scores),
-                                                                   strict=True)))
-    trained = validated(trained, all_view_scores, rule, val_good, val_bad, val_bad_masks, report)
-    if val_bad_masks is None:
-        # Validation without masks moves the image threshold and sets the pixel threshold to it (the bank's rule);
-        # the region cut from good pixels stands here, below whatever threshold validation chose.
-        trained.pixel_threshold = min(region_cut, trained.threshold)
-        metrics["pixel_threshold_rule"] = (f"{1 - REGION_PIXEL_SHARE:.1%} quantile of the map pixels of "
-                                           f"{len(calibration_views)} {'held-out' if held_out else 'training'} "
-                                           f"good views")
-    else:
-        metrics["pixel_threshold_rule"] = "validation: best pixel F1 on the masks, at most the threshold"
-    return trained
+                                                                   strict=True)),
+                             calibration_scores=all_view_scores.tolist())
+    return validated(trained, rule, val_good, val_bad, val_bad_masks, report)
 
 
 def recipe_text(mode: Mode) -> str:
